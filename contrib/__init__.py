@@ -1,0 +1,1 @@
+"""Optional middleware for minismtp: filters and limits (imported as minismtp.contrib)."""

@@ -1,0 +1,203 @@
+"""The values minismtp passes around: replies, addresses, sessions, transactions, messages."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import attrs
+
+_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+
+
+def _check_code(_: Any, __: Any, code: int) -> None:
+    if not 200 <= code <= 599:
+        raise ValueError(f"SMTP reply code out of range: {code}")
+
+
+def _check_status(_: Any, __: Any, status: str | None) -> None:
+    if status is not None and not _STATUS.fullmatch(status):
+        raise ValueError(f"not an enhanced status code (RFC 3463): {status!r}")
+
+
+def _check_text(_: Any, __: Any, text: str | tuple[str, ...]) -> None:
+    # A CR or LF in reply text would let a hook inject a second reply on the wire.
+    lines = (text,) if isinstance(text, str) else text
+    if not lines:
+        raise ValueError("a reply needs at least one line")
+    for line in lines:
+        if "\r" in line or "\n" in line:
+            raise ValueError(f"reply text may not contain CR or LF: {line!r}")
+
+
+def _to_text(text: str | list[str] | tuple[str, ...]) -> str | tuple[str, ...]:
+    return text if isinstance(text, str) else tuple(text)
+
+
+@attrs.frozen(cache_hash=True)
+class Reply:
+    """An SMTP reply: ``Reply(550, "5.7.1", "Relay access denied")``.
+
+    ``text`` is one line, or a sequence of lines for a multi-line reply. ``status`` is the
+    enhanced status code of RFC 3463; it is left out for the greeting and the EHLO reply.
+    """
+
+    code: int = attrs.field(validator=_check_code)
+    status: str | None = attrs.field(default=None, validator=_check_status)
+    text: str | tuple[str, ...] = attrs.field(default="", converter=_to_text, validator=_check_text)
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        return (self.text,) if isinstance(self.text, str) else self.text
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def is_transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    def with_extension(self, keyword: str, *params: str) -> Reply:
+        """This EHLO reply with ``keyword`` advertised (replacing an earlier line of that keyword)."""
+        head, *rest = self.lines
+        keep = [line for line in rest if line.split(" ", 1)[0].upper() != keyword.upper()]
+        return attrs.evolve(self, text=(head, *keep, " ".join((keyword, *params))))
+
+    def without_extension(self, keyword: str) -> Reply:
+        """This EHLO reply with ``keyword`` no longer advertised."""
+        head, *rest = self.lines
+        keep = [line for line in rest if line.split(" ", 1)[0].upper() != keyword.upper()]
+        return attrs.evolve(self, text=(head, *keep))
+
+    def __bytes__(self) -> bytes:
+        prefix = f"{self.status} " if self.status else ""
+        lines = self.lines
+        last = len(lines) - 1
+        return "".join(
+            f"{self.code}{' ' if i == last else '-'}{prefix}{line}\r\n"
+            for i, line in enumerate(lines)
+        ).encode("utf-8")
+
+    def __str__(self) -> str:
+        return bytes(self).decode("utf-8").rstrip("\r\n")
+
+
+@attrs.frozen
+class Address:
+    """A mailbox from a MAIL or RCPT path.
+
+    ``local_part`` as the client wrote it (a quoted string keeps its quotes), ``domain`` as
+    written (an address literal keeps its brackets). The null reverse-path ``<>`` has both
+    empty; ``<postmaster>`` has an empty domain.
+    """
+
+    local_part: str
+    domain: str
+    raw: str = attrs.field(default="", eq=False)
+
+    @classmethod
+    def null(cls) -> Address:
+        return cls("", "", "<>")
+
+    @property
+    def is_null(self) -> bool:
+        return not self.local_part and not self.domain
+
+    def __str__(self) -> str:
+        if self.is_null:
+            return ""
+        return f"{self.local_part}@{self.domain}" if self.domain else self.local_part
+
+
+@attrs.frozen
+class TLSInfo:
+    """What the TLS layer negotiated, recorded on the session."""
+
+    version: str
+    cipher: str
+    peer_certificate_subject: str | None = None
+
+
+@attrs.define(eq=False)
+class Session:
+    """One client connection. Mutable: the engine and the server update it as the dialogue goes.
+
+    ``extras`` is free for middleware and hooks to keep per-connection state in.
+    """
+
+    id: str = ""
+    hostname: str = "localhost"
+    peer: tuple[str, int] = ("", 0)
+    local: tuple[str, int] = ("", 0)
+    helo_name: str | None = None
+    esmtp: bool = False
+    tls: TLSInfo | None = None
+    transactions: int = 0
+    extras: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def peer_host(self) -> str:
+        return self.peer[0]
+
+    @property
+    def protocol(self) -> str:
+        """The ``with`` word of a ``Received:`` header (RFC 3848)."""
+        if not self.esmtp:
+            return "SMTP"
+        return "ESMTPS" if self.tls else "ESMTP"
+
+
+@attrs.define(eq=False)
+class Transaction:
+    """One mail transaction, from MAIL to the end of DATA/BDAT (or RSET).
+
+    ``max_size`` starts at the server's limit; middleware may lower it during MAIL or RCPT and
+    the engine enforces it while the message streams in.
+    """
+
+    session: Session
+    mail_from: Address
+    mail_params: dict[str, str | None] = attrs.field(factory=dict)
+    rcpt_to: list[Address] = attrs.field(factory=list)
+    rcpt_params: list[dict[str, str | None]] = attrs.field(factory=list)
+    max_size: int = 32 * 1024 * 1024
+    extras: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def declared_size(self) -> int | None:
+        size = self.mail_params.get("SIZE")
+        return int(size) if size is not None else None
+
+    @property
+    def smtputf8(self) -> bool:
+        return "SMTPUTF8" in self.mail_params
+
+    @property
+    def body_type(self) -> str:
+        return (self.mail_params.get("BODY") or "7BIT").upper()
+
+
+@attrs.frozen
+class Message:
+    """An accepted message, as handed to ``on_message`` consumers and ``app.messages``.
+
+    ``data`` is the message with our ``Received:`` header prepended (RFC 5321 4.4);
+    ``original`` is the content exactly as the client sent it (after dot-unstuffing).
+    """
+
+    id: str
+    mail_from: Address
+    rcpt_to: tuple[Address, ...]
+    data: bytes
+    original: bytes
+    peer: tuple[str, int]
+    helo_name: str | None
+    tls: TLSInfo | None
+    received_at: float
+    mail_params: dict[str, str | None] = attrs.field(factory=dict)
+    rcpt_params: tuple[dict[str, str | None], ...] = ()
