@@ -118,7 +118,7 @@ def parse_params(text: str, *, utf8: bool = True) -> dict[str, str | None]:
     return params
 
 
-def check_mail_params(params: dict[str, str | None], max_size: int) -> None:
+def check_mail_params(params: dict[str, str | None]) -> None:
     """Validate MAIL parameters: SIZE, BODY, SMTPUTF8, DSN's RET and ENVID, and AUTH."""
     for key, value in params.items():
         if key == "SIZE":

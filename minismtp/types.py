@@ -63,7 +63,7 @@ class Reply:
         return self.code >= 500
 
     def with_extension(self, keyword: str, *params: str) -> Reply:
-        """This EHLO reply with ``keyword`` advertised (replacing an earlier line of that keyword)."""
+        """This EHLO reply advertising ``keyword`` (replacing an earlier line of that keyword)."""
         head, *rest = self.lines
         keep = [line for line in rest if line.split(" ", 1)[0].upper() != keyword.upper()]
         return attrs.evolve(self, text=(head, *keep, " ".join((keyword, *params))))

@@ -1,0 +1,649 @@
+"""The sans-I/O SMTP engine: bytes in, events out, replies to bytes (RFC 5321 and extensions).
+
+Like h11, the engine does no I/O. The caller feeds it what the client sent with
+:meth:`Engine.receive_data`, asks :meth:`Engine.next_event` what to do next, answers the
+App events (Connect, Helo, Mail, Rcpt, Data) with :meth:`Engine.respond`, and writes out
+:meth:`Engine.data_to_send`. Everything the RFCs decide without the App -- syntax, command
+sequence, limits, dot-stuffing, the end of data -- is decided here.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import re
+
+import attrs
+
+from minismtp.events import Connect, Data, Event, Helo, Mail, Rcpt
+from minismtp.paths import (
+    ParameterError,
+    PathError,
+    UnknownParameter,
+    check_mail_params,
+    check_rcpt_params,
+    parse_path_and_params,
+)
+from minismtp.types import Reply, Session, TLSInfo, Transaction
+
+
+@attrs.frozen
+class Limits:
+    """What one session may cost. Each limit follows RFC 5321 4.5.3 or Postfix's practice."""
+
+    max_command_line: int = 512  # octets with CRLF (RFC 5321 4.5.3.1.4)
+    max_text_line: int = 1000  # DATA lines with CRLF (RFC 5321 4.5.3.1.6); 0: unlimited
+    max_message_size: int = 32 * 1024 * 1024  # advertised as SIZE (RFC 1870)
+    max_recipients: int = 100  # RFC 5321 4.5.3.1.8 asks for at least 100
+    max_errors: int = 20  # bad commands before 421 and close
+    max_junk_commands: int = 100  # NOOP, RSET, VRFY, EXPN, HELP without a message in between
+    accept_bare_line_endings: bool = False  # True: normalise bare CR/LF to CRLF, not 550
+
+
+class NeedData:
+    """Write out :meth:`Engine.data_to_send`, then feed the engine more of the client's bytes."""
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = NeedData()
+
+
+@attrs.frozen
+class StartTLS:
+    """The 220 for STARTTLS is queued: write it, do the handshake, then call ``tls_started``."""
+
+
+@attrs.frozen
+class Closed:
+    """The session is over: write out what is queued and close the connection."""
+
+
+_START_TLS = StartTLS()
+_CLOSED = Closed()
+
+
+class _State(enum.Enum):
+    CONNECT = "connect"  # Connect event not yet asked for
+    COMMAND = "command"
+    DATA = "data"  # reading dot-terminated content
+    BDAT = "bdat"  # reading a counted chunk
+    TLS = "tls"  # waiting for the handshake
+    CLOSED = "closed"
+
+
+def _r(code: int, status: str | None, text: str) -> bytes:
+    return bytes(Reply(code, status, text))
+
+
+# Replies the engine gives itself, encoded once.
+OK = _r(250, "2.0.0", "OK")
+DATA_GO_AHEAD = _r(354, None, "End data with <CR><LF>.<CR><LF>")
+BYE = _r(221, "2.0.0", "Bye")
+TLS_GO_AHEAD = _r(220, "2.0.0", "Ready to start TLS")
+VRFY_REPLY = _r(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+EXPN_REPLY = _r(502, "5.5.1", "EXPN not supported")
+UNRECOGNIZED = _r(500, "5.5.2", "Syntax error, command unrecognized")
+LINE_TOO_LONG = _r(500, "5.5.2", "Line too long")
+BARE_LINE_END_IN_COMMAND = _r(500, "5.5.2", "Syntax error, bare CR or LF in command line")
+NOT_UTF8 = _r(500, "5.5.2", "Syntax error, invalid characters in command")
+NO_ARGUMENTS = _r(501, "5.5.4", "Syntax error, no parameters allowed")
+HELO_SYNTAX = _r(501, "5.5.4", "Syntax: HELO/EHLO domain")
+MAIL_SYNTAX = _r(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
+RCPT_SYNTAX = _r(501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]")
+BAD_SENDER = _r(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT = _r(501, "5.1.3", "Bad recipient address syntax")
+VRFY_SYNTAX = _r(501, "5.5.4", "Syntax: VRFY address")
+BDAT_SYNTAX = _r(501, "5.5.4", "Syntax: BDAT size [LAST]")
+NEED_HELO = _r(503, "5.5.1", "Error: send HELO/EHLO first")
+NESTED_MAIL = _r(503, "5.5.1", "Error: nested MAIL command")
+NEED_MAIL = _r(503, "5.5.1", "Error: need MAIL command")
+NEED_RCPT = _r(554, "5.5.1", "Error: no valid recipients")
+DATA_AFTER_BDAT = _r(503, "5.5.1", "Error: DATA not allowed after BDAT")
+TLS_ACTIVE = _r(503, "5.5.1", "Error: TLS already active")
+TLS_UNAVAILABLE = _r(502, "5.5.1", "Error: STARTTLS not available")
+TLS_REQUIRED = _r(530, "5.7.0", "Must issue a STARTTLS command first")
+NEED_SMTPUTF8 = _r(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
+PARAMS_NEED_EHLO = _r(555, "5.5.4", "Parameters need EHLO")
+TOO_MANY_RECIPIENTS = _r(452, "4.5.3", "Too many recipients")
+TOO_BIG = _r(552, "5.3.4", "Message size exceeds fixed maximum message size")
+TEXT_LINE_TOO_LONG = _r(500, "5.5.2", "Message line too long")
+BARE_LINE_END_IN_DATA = _r(550, "5.5.2", "Message contains bare CR or LF")
+TOO_MANY_ERRORS = _r(421, "4.7.0", "Too many errors, closing connection")
+TOO_MANY_JUNK = _r(421, "4.7.0", "Too many commands without a message, closing connection")
+
+_HTTP_PROBES = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"CONNECT ", b"OPTIONS ", b"DELETE ")
+_HEADER_NAME = re.compile(rb"[A-Za-z][A-Za-z0-9-]*:")
+_BARE_LINE_END = re.compile(rb"\r\n|\r|\n")
+_END_OF_DATA = b"\r\n.\r\n"
+
+
+def _reply_with_status(reply: Reply) -> bytes:
+    """Give an App reply the class-level enhanced status code it lacks (RFC 3463)."""
+    if reply.status is None and reply.code >= 250:
+        reply = attrs.evolve(reply, status=f"{reply.code // 100}.0.0")
+    return bytes(reply)
+
+
+@functools.lru_cache(maxsize=16)
+def ehlo_keywords(max_size: int, offer_tls: bool) -> tuple[str, ...]:
+    """The extensions the engine honours, as EHLO keyword lines."""
+    keywords = [
+        "PIPELINING",
+        f"SIZE {max_size}",
+        "8BITMIME",
+        "SMTPUTF8",
+        "ENHANCEDSTATUSCODES",
+        "CHUNKING",
+    ]
+    if offer_tls:
+        keywords.append("STARTTLS")
+    keywords.append("HELP")
+    return tuple(keywords)
+
+
+class Engine:
+    """One SMTP session, server side. See the module docstring for the driving loop."""
+
+    def __init__(
+        self,
+        session: Session,
+        limits: Limits | None = None,
+        *,
+        tls_available: bool = False,
+        require_tls: bool = False,
+    ) -> None:
+        self.session = session
+        self.limits = limits or Limits()
+        self.tls_available = tls_available
+        self.require_tls = require_tls
+        self.transaction: Transaction | None = None
+        self._state = _State.CONNECT
+        self._buf = bytearray()
+        self._out = bytearray()
+        self._pending: Event | None = None
+        self._eof = False
+        self._errors = 0
+        self._junk = 0
+        self._skipping_line = False  # inside a command line over the limit
+        # Message content, DATA or BDAT.
+        self._content = bytearray()
+        self._content_failure: bytes | None = None  # the reply once content is refused
+        self._scan = 0  # where the search for the end of data resumes
+        self._line_start = 0  # start of the text line not yet checked against the limit
+        self._dropped = 0  # bytes counted past a failure and not kept
+        self._dots = 0  # stuffed dots counted in the content so far
+        self._dots_counted = 0  # where that count stops
+        self._bdat_remaining = 0
+        self._bdat_last = False
+        self._chunking = False  # this transaction has used BDAT
+
+    # -- the caller's side ------------------------------------------------------------------
+
+    @property
+    def receiving_data(self) -> bool:
+        """True while message content streams in (DATA or a BDAT chunk)."""
+        return self._state is _State.DATA or self._state is _State.BDAT
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.transaction is not None or self.receiving_data
+
+    @property
+    def closed(self) -> bool:
+        return self._state is _State.CLOSED
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the client; ``b""`` means the client closed its side."""
+        if not data:
+            self._eof = True
+        elif self._state is not _State.CLOSED and self._state is not _State.TLS:
+            # Bytes that arrive while a STARTTLS handshake is pending were sent in the clear
+            # after STARTTLS; they are dropped, never parsed (RFC 3207 4.2, CVE-2011-0411).
+            self._buf += data
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def next_event(self) -> Event | NeedData | StartTLS | Closed:
+        if self._pending is not None:
+            raise RuntimeError(f"respond() to {type(self._pending).__name__} first")
+        while True:
+            state = self._state
+            if state is _State.COMMAND:
+                result = self._next_command()
+            elif state is _State.DATA:
+                result = self._receive_dotted()
+            elif state is _State.BDAT:
+                result = self._receive_chunk()
+            elif state is _State.CLOSED:
+                return _CLOSED
+            elif state is _State.CONNECT:
+                self._pending = Connect(self.session)
+                return self._pending
+            else:
+                raise RuntimeError("waiting for tls_started()")
+            if result is not None:
+                if isinstance(result, Event):
+                    self._pending = result
+                return result
+
+    def respond(self, reply: Reply) -> None:
+        """Answer the App event that :meth:`next_event` returned last."""
+        event, self._pending = self._pending, None
+        if event is None:
+            raise RuntimeError("no event is waiting for a reply")
+        accepted = 200 <= reply.code < 300
+        if isinstance(event, Connect):
+            self._out += bytes(reply)
+            self._state = _State.COMMAND if accepted else _State.CLOSED
+        elif isinstance(event, Helo):
+            self._out += bytes(reply)
+            if accepted:
+                self.session.helo_name = event.name
+                self.session.esmtp = event.esmtp
+                self._reset_transaction()
+        elif isinstance(event, Mail):
+            self._out += _reply_with_status(reply)
+            if accepted:
+                self.transaction = event.transaction
+        elif isinstance(event, Rcpt):
+            self._out += _reply_with_status(reply)
+            if accepted:
+                event.transaction.rcpt_to.append(event.address)
+                event.transaction.rcpt_params.append(event.params)
+        elif isinstance(event, Data):
+            self._out += _reply_with_status(reply)
+            if accepted:
+                self.session.transactions += 1
+                self._junk = 0
+            self._reset_transaction()
+        if reply.code == 421:
+            self._state = _State.CLOSED
+
+    def tls_started(self, info: TLSInfo) -> None:
+        """The handshake succeeded: the session starts over and needs a new EHLO (RFC 3207 4.2)."""
+        if self._state is not _State.TLS:
+            raise RuntimeError("no STARTTLS is pending")
+        self.session.tls = info
+        self.session.helo_name = None
+        self.session.esmtp = False
+        self._reset_transaction()
+        self._buf.clear()
+        self._state = _State.COMMAND
+
+    def close(self, reply: Reply | None = None) -> None:
+        """End the session from the server's side (timeout, shutdown), with a last reply."""
+        if self._state is not _State.CLOSED and reply is not None:
+            self._out += bytes(reply)
+        self._state = _State.CLOSED
+        self._pending = None
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def _next_command(self) -> Event | NeedData | StartTLS | Closed | None:
+        """Parse one command line; None means a reply was queued and the loop goes on."""
+        buf = self._buf
+        end = buf.find(b"\r\n")
+        limit = self.limits.max_command_line
+        if end < 0:
+            if len(buf) >= limit:
+                # Skip the rest of this line without buffering it; keep a trailing CR, which
+                # may be the first half of the line's end.
+                keep_cr = buf.endswith(b"\r")
+                buf.clear()
+                if keep_cr:
+                    buf += b"\r"
+                self._skipping_line = True
+                return None if not self._eof else self._lost()
+            return self._lost() if self._eof else NEED_DATA
+        line = bytes(buf[:end])
+        del buf[: end + 2]
+        if self._skipping_line:
+            self._skipping_line = False
+            return self._error(LINE_TOO_LONG)
+        if end + 2 > limit:
+            return self._error(LINE_TOO_LONG)
+        if b"\n" in line or b"\r" in line:
+            return self._error(BARE_LINE_END_IN_COMMAND)
+        verb, _, arg = line.partition(b" ")
+        handler = _COMMANDS.get(verb.upper())
+        if handler is None:
+            if line.startswith(_HTTP_PROBES) or _HEADER_NAME.fullmatch(verb):
+                # An HTTP request or proxy probe: a web client was pointed at us, or somebody
+                # is trying a cross-protocol attack. End at once, answering nothing.
+                self._state = _State.CLOSED
+                return _CLOSED
+            return self._error(UNRECOGNIZED)
+        return handler(self, arg)
+
+    def _lost(self) -> Closed:
+        """The client closed its side; whatever it had half sent is dropped."""
+        self._state = _State.CLOSED
+        self._reset_transaction()
+        return _CLOSED
+
+    def _reply(self, reply: bytes) -> None:
+        self._out += reply
+
+    def _error(self, reply: bytes) -> Closed | None:
+        self._out += reply
+        self._errors += 1
+        if self._errors >= self.limits.max_errors:
+            self._out += TOO_MANY_ERRORS
+            self._state = _State.CLOSED
+            return _CLOSED
+        return None
+
+    def _junk_command(self, reply: bytes) -> Closed | None:
+        self._out += reply
+        self._junk += 1
+        if self._junk > self.limits.max_junk_commands:
+            self._out += TOO_MANY_JUNK
+            self._state = _State.CLOSED
+            return _CLOSED
+        return None
+
+    def _reset_transaction(self) -> None:
+        self.transaction = None
+        self._chunking = False
+        self._content = bytearray()
+        self._content_failure = None
+
+    def _text(self, arg: bytes) -> str | None:
+        try:
+            return arg.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+    def _helo(self, arg: bytes, esmtp: bool) -> Event | Closed | None:
+        name = self._text(arg.strip(b" "))
+        if not name:
+            return self._error(HELO_SYNTAX)
+        keywords = ehlo_keywords(
+            self.limits.max_message_size, self.tls_available and self.session.tls is None
+        )
+        return Helo(self.session, name, esmtp, keywords if esmtp else ())
+
+    def _cmd_helo(self, arg: bytes) -> Event | Closed | None:
+        return self._helo(arg, esmtp=False)
+
+    def _cmd_ehlo(self, arg: bytes) -> Event | Closed | None:
+        return self._helo(arg, esmtp=True)
+
+    def _cmd_mail(self, arg: bytes) -> Event | Closed | None:
+        session = self.session
+        if session.helo_name is None:
+            return self._error(NEED_HELO)
+        if self.transaction is not None:
+            return self._error(NESTED_MAIL)
+        if self.require_tls and session.tls is None:
+            return self._error(TLS_REQUIRED)
+        text = self._text(arg)
+        if text is None:
+            return self._error(NOT_UTF8)
+        try:
+            command = parse_path_and_params(text, "FROM:", utf8=not arg.isascii())
+            if command.postmaster:
+                raise PathError("<postmaster> is a recipient")
+            params = command.params
+            if params and not session.esmtp:
+                return self._error(PARAMS_NEED_EHLO)
+            check_mail_params(params)
+        except UnknownParameter:
+            return self._error(_r(555, "5.5.4", "Unsupported parameter"))
+        except ParameterError:
+            return self._error(MAIL_SYNTAX)
+        except PathError:
+            return self._error(MAIL_SYNTAX if text[:5].upper() != "FROM:" else BAD_SENDER)
+        if not arg.isascii() and "SMTPUTF8" not in params:
+            return self._error(NEED_SMTPUTF8)
+        size = params.get("SIZE")
+        if size is not None and int(size) > self.limits.max_message_size:
+            self._reply(TOO_BIG)
+            return None
+        transaction = Transaction(
+            session, command.address, params, max_size=self.limits.max_message_size
+        )
+        return Mail(session, transaction, command.address, params)
+
+    def _cmd_rcpt(self, arg: bytes) -> Event | Closed | None:
+        transaction = self.transaction
+        if transaction is None:
+            return self._error(NEED_MAIL)
+        text = self._text(arg)
+        if text is None:
+            return self._error(NOT_UTF8)
+        utf8 = transaction.smtputf8
+        try:
+            command = parse_path_and_params(text, "TO:", utf8=utf8)
+            if command.address.is_null:
+                raise PathError("<> is not a recipient")
+            check_rcpt_params(command.params)
+        except UnknownParameter:
+            return self._error(_r(555, "5.5.4", "Unsupported parameter"))
+        except ParameterError:
+            return self._error(RCPT_SYNTAX)
+        except PathError:
+            if not utf8 and not arg.isascii():
+                return self._error(NEED_SMTPUTF8)
+            return self._error(RCPT_SYNTAX if text[:3].upper() != "TO:" else BAD_RECIPIENT)
+        address = command.address
+        key = (address.local_part, address.domain.lower())
+        if any((a.local_part, a.domain.lower()) == key for a in transaction.rcpt_to):
+            self._reply(_r(250, "2.1.5", "OK (duplicate recipient)"))
+            return None
+        if len(transaction.rcpt_to) >= self.limits.max_recipients:
+            self._reply(TOO_MANY_RECIPIENTS)
+            return None
+        return Rcpt(self.session, transaction, address, command.params)
+
+    def _cmd_data(self, arg: bytes) -> Event | Closed | None:
+        if arg:
+            return self._error(NO_ARGUMENTS)
+        transaction = self.transaction
+        if transaction is None:
+            return self._error(NEED_MAIL)
+        if self._chunking:
+            return self._error(DATA_AFTER_BDAT)
+        if not transaction.rcpt_to:
+            return self._error(NEED_RCPT)
+        self._reply(DATA_GO_AHEAD)
+        # The content is searched for CRLF.CRLF as if preceded by a CRLF, so that an empty
+        # message (a lone "." line) and a first line starting with a dot need no special case.
+        self._buf[0:0] = b"\r\n"
+        self._scan = 0
+        self._line_start = 2
+        self._dropped = 0
+        self._dots = self._dots_counted = 0
+        self._content_failure = None
+        self._state = _State.DATA
+        return None
+
+    def _cmd_bdat(self, arg: bytes) -> Event | Closed | None:
+        size, _, last = arg.partition(b" ")
+        if not size.isdigit() or len(size) > 20 or last.upper() not in (b"", b"LAST"):
+            return self._error(BDAT_SYNTAX)
+        self._bdat_remaining = int(size)
+        self._bdat_last = bool(last)
+        self._dropped = 0
+        # RFC 3030 3: a chunk is read in full even when it is refused.
+        transaction = self.transaction
+        if transaction is None:
+            self._content_failure = NEED_MAIL
+        elif not transaction.rcpt_to:
+            self._content_failure = NEED_RCPT
+        else:
+            self._chunking = True
+        self._state = _State.BDAT
+        return None
+
+    def _cmd_rset(self, arg: bytes) -> Event | Closed | None:
+        if arg:
+            return self._error(NO_ARGUMENTS)
+        self._reset_transaction()
+        return self._junk_command(OK)
+
+    def _cmd_noop(self, arg: bytes) -> Event | Closed | None:
+        return self._junk_command(OK)
+
+    def _cmd_vrfy(self, arg: bytes) -> Event | Closed | None:
+        if not arg.strip():
+            return self._error(VRFY_SYNTAX)
+        return self._junk_command(VRFY_REPLY)
+
+    def _cmd_expn(self, arg: bytes) -> Event | Closed | None:
+        return self._junk_command(EXPN_REPLY)
+
+    def _cmd_help(self, arg: bytes) -> Event | Closed | None:
+        verbs = "HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP"
+        if self.tls_available and self.session.tls is None:
+            verbs += " STARTTLS"
+        return self._junk_command(_r(214, "2.0.0", f"Commands: {verbs}"))
+
+    def _cmd_quit(self, arg: bytes) -> Event | Closed | None:
+        if arg:
+            return self._error(NO_ARGUMENTS)
+        self._reply(BYE)
+        self._state = _State.CLOSED
+        return _CLOSED
+
+    def _cmd_starttls(self, arg: bytes) -> StartTLS | Closed | None:
+        if arg:
+            return self._error(NO_ARGUMENTS)
+        if not self.tls_available:
+            return self._error(TLS_UNAVAILABLE)
+        if self.session.tls is not None:
+            return self._error(TLS_ACTIVE)
+        self._reply(TLS_GO_AHEAD)
+        # Whatever the client pipelined after STARTTLS came in the clear: drop it unread.
+        self._buf.clear()
+        self._state = _State.TLS
+        return _START_TLS
+
+    # -- message content --------------------------------------------------------------------
+
+    def _receive_dotted(self) -> Event | NeedData | Closed | None:
+        """DATA content: find CRLF.CRLF in the new bytes only, checking limits as it streams."""
+        buf = self._buf
+        end = buf.find(_END_OF_DATA, self._scan)
+        if end < 0:
+            if self._eof:
+                return self._lost()
+            if self._content_failure is None:
+                self._check_streaming(len(buf))
+            if self._content_failure is not None:
+                # Refused already: count and drop, keeping only what may start the terminator.
+                keep = min(len(buf), 4)
+                self._dropped += len(buf) - keep
+                del buf[:-keep]
+            self._scan = max(0, len(buf) - 4)
+            return NEED_DATA
+        if self._content_failure is None:
+            self._check_streaming(end + 2)
+        failure = self._content_failure
+        self._state = _State.COMMAND
+        if failure is not None:
+            del buf[: end + 5]
+            self._reply(failure)
+            self._reset_transaction()
+            return None
+        # buf still starts with the CRLF put before the content, so one replace unstuffs
+        # every line, the first included (RFC 5321 4.5.2).
+        wire = bytes(memoryview(buf)[: end + 2])
+        del buf[: end + 5]
+        if b"\r\n." in wire:
+            wire = wire.replace(b"\r\n.", b"\r\n")
+        return self._finish_content(wire[2:])
+
+    def _check_streaming(self, end: int) -> None:
+        """Size and text-line limits over ``self._buf[:end]``, as far as not yet checked."""
+        buf = self._buf
+        transaction = self.transaction
+        assert transaction is not None
+        if end - 2 > transaction.max_size:
+            # The wire size counts stuffed dots but the limit is on the content (RFC 1870):
+            # count the dots of the bytes not yet counted, and decide on the difference.
+            self._dots += buf.count(b"\r\n.", self._dots_counted, end)
+            self._dots_counted = end - 2
+            if end - 2 - self._dots > transaction.max_size:
+                self._content_failure = TOO_BIG
+                return
+        max_line = self.limits.max_text_line
+        if max_line:
+            pos = self._line_start
+            while end - pos > max_line:
+                newline = buf.rfind(b"\n", pos, pos + max_line)
+                if newline < 0:
+                    self._content_failure = TEXT_LINE_TOO_LONG
+                    return
+                pos = newline + 1
+            self._line_start = pos
+
+    def _receive_chunk(self) -> Event | NeedData | Closed | None:
+        """A BDAT chunk: exactly the announced number of octets, which are not parsed."""
+        buf = self._buf
+        take = min(self._bdat_remaining, len(buf))
+        if take:
+            if self._content_failure is None:
+                self._content += memoryview(buf)[:take]
+                transaction = self.transaction
+                assert transaction is not None
+                if len(self._content) > transaction.max_size:
+                    self._content_failure = TOO_BIG
+                    self._content = bytearray()
+            else:
+                self._dropped += take
+            del buf[:take]
+            self._bdat_remaining -= take
+        if self._bdat_remaining:
+            return self._lost() if self._eof else NEED_DATA
+        self._state = _State.COMMAND
+        failure = self._content_failure
+        if failure is not None:
+            self._content_failure = None
+            if failure is NEED_MAIL or failure is NEED_RCPT:
+                return self._error(failure)
+            self._reply(failure)
+            self._reset_transaction()
+            return None
+        if not self._bdat_last:
+            size = len(self._content)
+            self._reply(_r(250, "2.0.0", f"{size} octets received"))
+            return None
+        content = bytes(self._content)
+        self._content = bytearray()
+        return self._finish_content(content)
+
+    def _finish_content(self, content: bytes) -> Event | None:
+        """The bare CR/LF rule that closes SMTP smuggling, then the Data event."""
+        crlf = content.count(b"\r\n")
+        if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
+            if not self.limits.accept_bare_line_endings:
+                self._reply(BARE_LINE_END_IN_DATA)
+                self._reset_transaction()
+                return None
+            content = _BARE_LINE_END.sub(b"\r\n", content)
+        transaction = self.transaction
+        assert transaction is not None
+        return Data(self.session, transaction, content)
+
+
+_COMMANDS = {
+    b"HELO": Engine._cmd_helo,
+    b"EHLO": Engine._cmd_ehlo,
+    b"MAIL": Engine._cmd_mail,
+    b"RCPT": Engine._cmd_rcpt,
+    b"DATA": Engine._cmd_data,
+    b"BDAT": Engine._cmd_bdat,
+    b"RSET": Engine._cmd_rset,
+    b"NOOP": Engine._cmd_noop,
+    b"VRFY": Engine._cmd_vrfy,
+    b"EXPN": Engine._cmd_expn,
+    b"HELP": Engine._cmd_help,
+    b"QUIT": Engine._cmd_quit,
+    b"STARTTLS": Engine._cmd_starttls,
+}
