@@ -1,0 +1,126 @@
+"""Durable delivery into a Maildir (https://cr.yp.to/proto/maildir.html).
+
+A message is written to ``tmp/`` under a name no other delivery uses, fsynced, renamed into
+``new/``, and ``new/`` itself is fsynced: only then does :meth:`Maildir.put` return, so the
+``250`` that follows promises a message that survives a crash or a power cut.
+
+The directory fsync is a group commit: deliveries that finish their rename while another
+delivery's directory fsync is running wait for the next one, which covers all of them at once.
+Under load many messages share one fsync of ``new/``; a lone message pays for its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import time
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import attrs
+
+_counter = itertools.count(1)
+
+
+def _safe_hostname() -> str:
+    # The Maildir spec escapes the two characters that would break a file name or its flags.
+    return socket.gethostname().replace("/", r"\057").replace(":", r"\072")
+
+
+def unique_name(hostname: str) -> str:
+    """A Maildir file name: ``<seconds>.M<µs>P<pid>Q<delivery>R<random>.<host>``.
+
+    The time, process id and per-process delivery counter make it unique on this host (also
+    across worker processes); the random part guards against a pid reused within one second.
+    """
+    now = time.time_ns() // 1000
+    seconds, micros = divmod(now, 1_000_000)
+    rand = os.urandom(4).hex()
+    return f"{seconds}.M{micros}P{os.getpid()}Q{next(_counter)}R{rand}.{hostname}"
+
+
+@attrs.define(eq=False)
+class Maildir:
+    """A Maildir at ``path`` (``tmp/``, ``new/`` and ``cur/`` are created when missing)."""
+
+    path: Path = attrs.field(converter=Path)
+    hostname: str = attrs.field(factory=_safe_hostname)
+    #: How many times ``new/`` was fsynced (fewer than deliveries under load: group commit).
+    directory_syncs: int = attrs.field(default=0, init=False)
+    _created: bool = attrs.field(default=False, init=False)
+    _renamed: int = attrs.field(default=0, init=False)  # deliveries renamed into new/
+    _synced: int = attrs.field(default=0, init=False)  # of which covered by a directory fsync
+    _syncing: anyio.Event | None = attrs.field(default=None, init=False)
+
+    @property
+    def new(self) -> Path:
+        return self.path / "new"
+
+    @property
+    def tmp(self) -> Path:
+        return self.path / "tmp"
+
+    def create(self) -> None:
+        """Create the Maildir's folders (blocking; :meth:`open` runs it in a thread)."""
+        for sub in ("tmp", "new", "cur"):
+            (self.path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._created = True
+
+    async def open(self) -> None:
+        """Create the folders now, so that a bad path shows at startup, not at the first mail."""
+        await anyio.to_thread.run_sync(self.create)
+
+    async def put(self, data: bytes) -> Path:
+        """Store ``data`` durably in ``new/``; returns the file's path once it is on disk."""
+        path = await anyio.to_thread.run_sync(self._write, unique_name(self.hostname), data)
+        self._renamed += 1
+        await self._commit(self._renamed)
+        return path
+
+    def _write(self, name: str, data: bytes) -> Path:
+        if not self._created:
+            self.create()
+        tmp = self.tmp / name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            new = self.new / name
+            os.rename(tmp, new)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return new
+
+    async def _commit(self, ticket: int) -> None:
+        """Return once a directory fsync that started after rename number ``ticket`` is done."""
+        while self._synced < ticket:
+            syncing = self._syncing
+            if syncing is not None:
+                # An fsync is running, but it may have started before our rename: wait for it,
+                # then look again (the loop may make us the leader of the next one).
+                await syncing.wait()
+                continue
+            covered = self._renamed
+            self._syncing = done = anyio.Event()
+            try:
+                await anyio.to_thread.run_sync(self._sync_directory)
+                self.directory_syncs += 1
+                self._synced = max(self._synced, covered)
+            finally:
+                self._syncing = None
+                done.set()
+
+    def _sync_directory(self) -> None:
+        fd = os.open(self.new, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,66 @@
+"""The ``Received:`` trace header of RFC 5321 4.4, prepended to every accepted message.
+
+Postfix's layout, one clause per line::
+
+    Received: from client.example.org ([192.0.2.7])
+    \tby mx.example.com with ESMTPS id 6123A4B5C6D7E1F2A3B4C
+    \tfor <bob@example.com>; Tue, 05 Mar 2024 10:11:12 +0100
+
+``for`` names the recipient only when there is exactly one, so that a message for several
+people does not show each of them the others (RFC 5321 7.2).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import time
+from email.utils import formatdate
+
+from minismtp.types import Session, Transaction
+
+# What a HELO name may be written as in the From-domain (a domain or an address literal, and
+# the UTF-8 of RFC 6531). Anything else -- spaces, parentheses, semicolons -- would break the
+# header's syntax, so such a name is written as "unknown".
+_HELO_TOKEN = re.compile(r"[A-Za-z0-9.\-_:\[\]\u0080-\U0010ffff]+")
+
+
+def address_literal(host: str) -> str | None:
+    """``host`` as an RFC 5321 address literal (``[192.0.2.7]``, ``[IPv6:2001:db8::1]``)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if ip.version == 6:
+        return f"[IPv6:{ip.compressed}]"
+    return f"[{ip}]"
+
+
+def with_protocol(session: Session, transaction: Transaction) -> str:
+    """The ``with`` word: SMTP, ESMTP, ESMTPS (RFC 3848) or UTF8SMTP(S) (RFC 6531 3.7.3)."""
+    if transaction.smtputf8 and session.esmtp:
+        return "UTF8SMTPS" if session.tls else "UTF8SMTP"
+    return session.protocol
+
+
+def received_header(
+    session: Session,
+    transaction: Transaction,
+    message_id: str,
+    *,
+    by: str,
+    when: float | None = None,
+) -> bytes:
+    """The ``Received:`` header (CRLF-terminated) for a message accepted in ``transaction``."""
+    helo = session.helo_name
+    from_domain = helo if helo and _HELO_TOKEN.fullmatch(helo) else "unknown"
+    literal = address_literal(session.peer_host)
+    tcp_info = f" ({literal})" if literal else ""
+    recipients = transaction.rcpt_to
+    for_clause = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
+    date = formatdate(time.time() if when is None else when, localtime=True)
+    return (
+        f"Received: from {from_domain}{tcp_info}\r\n"
+        f"\tby {by} with {with_protocol(session, transaction)} id {message_id}"
+        f"{for_clause}; {date}\r\n"
+    ).encode()
