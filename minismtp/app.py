@@ -1,0 +1,441 @@
+"""The App: hooks, a middleware stack, the terminal handler and the message channel.
+
+An :class:`App` is a handler, ``async (event) -> Reply``. Calling it runs the middleware stack
+(the last added runs first, as in Starlette), then the router, which calls the hooks of the
+event's stage; for a :class:`~minismtp.events.Data` event the terminal handler then builds the
+:class:`~minismtp.types.Message`, hands it over (the channel, or a Maildir) and only then
+answers ``250 2.0.0 OK queued as <id>``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar
+
+import anyio
+import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from minismtp.events import Connect, Data, Event, Handler, Helo, Mail, Rcpt
+from minismtp.ids import new_id
+from minismtp.maildir import Maildir
+from minismtp.protocol import Limits
+from minismtp.received import received_header
+from minismtp.types import Address, Message, Reply, Session, Transaction
+
+logger = logging.getLogger("minismtp.app")
+
+#: The answer to a hook or middleware that raised, and to a failed hand-over. The text is
+#: generic on purpose: an exception's text may hold anything, and the client sees the reply.
+LOCAL_ERROR = Reply(451, "4.3.0", "Requested action aborted: local error in processing")
+MAIL_OK = Reply(250, "2.1.0", "OK")
+RCPT_OK = Reply(250, "2.1.5", "OK")
+
+HookResult = Reply | Awaitable[Reply | None] | None
+ConnectHook = Callable[[Session], HookResult]
+HeloHook = Callable[[Session, str], HookResult]
+MailHook = Callable[[Transaction, Address], HookResult]
+RcptHook = Callable[[Transaction, Address], HookResult]
+DataHook = Callable[[Transaction, bytes], HookResult]
+MessageHook = Callable[[Message], Awaitable[None] | None]
+LifespanHook = Callable[[], Awaitable[None] | None]
+
+ConnectHookT = TypeVar("ConnectHookT", bound=ConnectHook)
+HeloHookT = TypeVar("HeloHookT", bound=HeloHook)
+MailHookT = TypeVar("MailHookT", bound=MailHook)
+RcptHookT = TypeVar("RcptHookT", bound=RcptHook)
+DataHookT = TypeVar("DataHookT", bound=DataHook)
+MessageHookT = TypeVar("MessageHookT", bound=MessageHook)
+LifespanHookT = TypeVar("LifespanHookT", bound=LifespanHook)
+
+P = ParamSpec("P")
+
+
+class MiddlewareFactory(Protocol[P]):
+    """A middleware class: ``Middleware(app, **options)`` gives a handler wrapping ``app``."""
+
+    def __call__(self, app: Handler, /, *args: P.args, **kwargs: P.kwargs) -> Handler: ...
+
+
+@attrs.frozen
+class _Middleware(Generic[P]):
+    factory: MiddlewareFactory[P]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+async def _resolve(result: Reply | Awaitable[Reply | None] | None) -> Reply | None:
+    """The Reply (or None) a sync or async hook gave."""
+    if isinstance(result, Reply):
+        return result
+    if inspect.isawaitable(result):
+        result = await result
+    if result is None or isinstance(result, Reply):
+        return result
+    raise TypeError(f"a hook must return None or a Reply, not {result!r}")
+
+
+async def _call_lifespan_hooks(hooks: list[LifespanHook]) -> None:
+    for hook in hooks:
+        result = hook()
+        if inspect.isawaitable(result):
+            await result
+
+
+class App:
+    """An SMTP application: ``App(hostname="mx.example.com")``.
+
+    ``maildir`` stores every accepted message durably in that Maildir before the ``250``
+    (and passes it to ``on_message`` consumers too, if there are any); without it messages go
+    on the unbounded channel whose receiving end is :attr:`messages`. ``limits`` (or the
+    shortcuts ``max_size`` and ``max_recipients``) are what the server enforces per session.
+    """
+
+    # A hand-written __init__: the limit shortcuts and the precomputed replies do not fit
+    # attrs' one-field-per-argument model.
+    def __init__(
+        self,
+        hostname: str = "localhost",
+        maildir: str | os.PathLike[str] | Maildir | None = None,
+        limits: Limits | None = None,
+        *,
+        max_size: int | None = None,
+        max_recipients: int | None = None,
+    ) -> None:
+        limits = limits or Limits()
+        if max_size is not None:
+            limits = attrs.evolve(limits, max_message_size=max_size)
+        if max_recipients is not None:
+            limits = attrs.evolve(limits, max_recipients=max_recipients)
+        self.limits = limits
+        if maildir is not None and not isinstance(maildir, Maildir):
+            maildir = Maildir(maildir)
+        self.maildir: Maildir | None = maildir
+        self.hostname = hostname
+        self._connect_hooks: list[ConnectHook] = []
+        self._helo_hooks: list[HeloHook] = []
+        self._mail_hooks: list[MailHook] = []
+        self._rcpt_hooks: list[RcptHook] = []
+        self._data_hooks: list[DataHook] = []
+        self._message_hooks: list[MessageHook] = []
+        self._startup_hooks: list[LifespanHook] = []
+        self._shutdown_hooks: list[LifespanHook] = []
+        self._middleware: list[_Middleware[Any]] = []
+        self._stack: Handler | None = None
+        self._routes: dict[type[Event], Callable[[Any], Awaitable[Reply]]] = {
+            Connect: self._on_connect,
+            Helo: self._on_helo,
+            Mail: self._on_mail,
+            Rcpt: self._on_rcpt,
+            Data: self._on_data,
+        }
+        self._send: MemoryObjectSendStream[Message]
+        self._receive: MemoryObjectReceiveStream[Message]
+        self._open_channel()
+        self._serving = False
+        # Callbacks told of each message accepted in a given session (the test client's).
+        self._watchers: dict[Session, Callable[[Message], None]] = {}
+
+    # -- configuration ------------------------------------------------------------------------
+
+    @property
+    def hostname(self) -> str:
+        return self._hostname
+
+    @hostname.setter
+    def hostname(self, hostname: str) -> None:
+        self._hostname = hostname
+        self._greeting = Reply(220, None, f"{hostname} ESMTP")
+        self._helo_reply = Reply(250, None, hostname)
+        self._ehlo_replies: dict[tuple[str, ...], Reply] = {}
+
+    @property
+    def messages(self) -> MemoryObjectReceiveStream[Message]:
+        """The receiving end of the channel of accepted messages (unbounded).
+
+        Without ``on_message`` consumers, accepted messages wait here for the user. When
+        :meth:`serving` ends, the sending end is closed: reading goes on until the messages
+        accepted so far are consumed, then ends. A new serving period opens a new channel.
+        """
+        return self._receive
+
+    def add_middleware(
+        self, middleware: MiddlewareFactory[P], /, *args: P.args, **options: P.kwargs
+    ) -> None:
+        """Wrap the App in ``middleware(app, **options)``; the last added runs first."""
+        if self._stack is not None:
+            raise RuntimeError("cannot add middleware after the App has started handling events")
+        self._middleware.append(_Middleware(middleware, args, options))
+
+    def on_connect(self, hook: ConnectHookT) -> ConnectHookT:
+        """``hook(session)`` for each new connection; a Reply refuses it (e.g. 554)."""
+        self._connect_hooks.append(hook)
+        return hook
+
+    def on_helo(self, hook: HeloHookT) -> HeloHookT:
+        """``hook(session, name)`` for HELO and EHLO (``session.esmtp`` is not yet updated)."""
+        self._helo_hooks.append(hook)
+        return hook
+
+    def on_mail(self, hook: MailHookT) -> MailHookT:
+        """``hook(transaction, sender)`` for MAIL FROM."""
+        self._mail_hooks.append(hook)
+        return hook
+
+    def on_rcpt(self, hook: RcptHookT) -> RcptHookT:
+        """``hook(transaction, recipient)`` for each RCPT TO."""
+        self._rcpt_hooks.append(hook)
+        return hook
+
+    def on_data(self, hook: DataHookT) -> DataHookT:
+        """``hook(transaction, data)`` with the whole message, before it is accepted.
+
+        A Reply answers instead of the hand-over: a refusal, or a 2xx to accept and discard.
+        """
+        self._data_hooks.append(hook)
+        return hook
+
+    def on_message(self, hook: MessageHookT) -> MessageHookT:
+        """``hook(message)`` for each accepted message, read from the channel while serving.
+
+        One consumer task calls the ``on_message`` hooks in order, message after message; an
+        exception is logged and the next message goes on.
+        """
+        self._message_hooks.append(hook)
+        return hook
+
+    def on_startup(self, hook: LifespanHookT) -> LifespanHookT:
+        self._startup_hooks.append(hook)
+        return hook
+
+    def on_shutdown(self, hook: LifespanHookT) -> LifespanHookT:
+        self._shutdown_hooks.append(hook)
+        return hook
+
+    # -- the handler --------------------------------------------------------------------------
+
+    async def handle(self, event: Event, *, raise_exceptions: bool = False) -> Reply:
+        """Answer ``event``: middleware, then hooks, then (for Data) the hand-over.
+
+        Never raises, except cancellation: an exception from a hook or middleware is logged
+        and answered :data:`LOCAL_ERROR`. ``raise_exceptions`` lets it propagate instead (the
+        test client uses it, so a failing hook fails the test).
+        """
+        stack = self._stack or self._build_stack()
+        try:
+            return await stack(event)
+        except Exception:
+            if raise_exceptions:
+                raise
+            logger.exception(
+                "error while handling %s from %s (session %s)",
+                type(event).__name__,
+                event.session.peer_host,
+                event.session.id,
+            )
+            return LOCAL_ERROR
+
+    __call__ = handle
+
+    def _build_stack(self) -> Handler:
+        handler: Handler = self._route
+        for middleware in self._middleware:
+            handler = middleware.factory(handler, *middleware.args, **middleware.kwargs)
+        self._stack = handler
+        return handler
+
+    async def _route(self, event: Event) -> Reply:
+        route = self._routes.get(type(event))
+        if route is None:
+            raise TypeError(f"not an event the App answers: {event!r}")
+        return await route(event)
+
+    async def _on_connect(self, event: Connect) -> Reply:
+        for hook in self._connect_hooks:
+            result = hook(event.session)
+            if result is not None and (reply := await _resolve(result)) is not None:
+                return reply
+        return self._greeting
+
+    async def _on_helo(self, event: Helo) -> Reply:
+        for hook in self._helo_hooks:
+            result = hook(event.session, event.name)
+            if result is not None and (reply := await _resolve(result)) is not None:
+                return reply
+        if not event.esmtp:
+            return self._helo_reply
+        keywords = event.keywords
+        reply = self._ehlo_replies.get(keywords)
+        if reply is None:
+            reply = Reply(250, None, (self._hostname, *keywords))
+            if len(self._ehlo_replies) < 16:  # a handful of keyword sets: with/without TLS
+                self._ehlo_replies[keywords] = reply
+        return reply
+
+    async def _on_mail(self, event: Mail) -> Reply:
+        for hook in self._mail_hooks:
+            result = hook(event.transaction, event.address)
+            if result is not None and (reply := await _resolve(result)) is not None:
+                return reply
+        return MAIL_OK
+
+    async def _on_rcpt(self, event: Rcpt) -> Reply:
+        for hook in self._rcpt_hooks:
+            result = hook(event.transaction, event.address)
+            if result is not None and (reply := await _resolve(result)) is not None:
+                return reply
+        return RCPT_OK
+
+    async def _on_data(self, event: Data) -> Reply:
+        for hook in self._data_hooks:
+            result = hook(event.transaction, event.data)
+            if result is not None and (reply := await _resolve(result)) is not None:
+                return reply
+        return await self._accept(event)
+
+    # -- the terminal handler -----------------------------------------------------------------
+
+    def build_message(self, event: Data) -> Message:
+        """The Message for ``event``: a new id and our ``Received:`` header (RFC 5321 4.4)."""
+        session = event.session
+        transaction = event.transaction
+        message_id = new_id()
+        now = time.time()
+        trace = received_header(session, transaction, message_id, by=self._hostname, when=now)
+        return Message(
+            id=message_id,
+            mail_from=transaction.mail_from,
+            rcpt_to=tuple(transaction.rcpt_to),
+            data=trace + event.data,
+            original=event.data,
+            peer=session.peer,
+            helo_name=session.helo_name,
+            tls=session.tls,
+            received_at=now,
+            mail_params=transaction.mail_params,
+            rcpt_params=tuple(transaction.rcpt_params),
+        )
+
+    async def _accept(self, event: Data) -> Reply:
+        message = self.build_message(event)
+        try:
+            await self._hand_over(message)
+        except (OSError, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            logger.exception("could not hand over message %s; answered 451", message.id)
+            return LOCAL_ERROR
+        if self._watchers:
+            watcher = self._watchers.get(event.session)
+            if watcher is not None:
+                watcher(message)
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "accepted %s peer=%s helo=%s from=<%s> to=%s size=%d",
+                message.id,
+                message.peer[0],
+                message.helo_name,
+                message.mail_from,
+                ",".join(f"<{rcpt}>" for rcpt in message.rcpt_to),
+                len(message.original),
+            )
+        return Reply(250, "2.0.0", f"OK queued as {message.id}")
+
+    async def _hand_over(self, message: Message) -> None:
+        if self.maildir is None:
+            self._send.send_nowait(message)
+            return
+        await self.maildir.put(message.data)
+        if self._message_hooks:
+            try:
+                self._send.send_nowait(message)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                # Stored already: the 250 stands; only the notification is lost.
+                logger.warning("message %s stored, but on_message consumers are gone", message.id)
+
+    # -- serving ------------------------------------------------------------------------------
+
+    def _open_channel(self) -> None:
+        self._send, self._receive = anyio.create_memory_object_stream[Message](math.inf)
+        self._channel_closed = False
+
+    @asynccontextmanager
+    async def serving(self, *, raise_exceptions: bool = False) -> AsyncIterator[App]:
+        """The App's serving period: the server (or test client) handles events inside it.
+
+        On entry: the Maildir's folders are created, startup hooks run and the ``on_message``
+        consumer starts. On exit: the channel is closed, the consumer drains every message
+        accepted so far, then shutdown hooks run. With ``raise_exceptions`` an exception from
+        an ``on_message`` hook is raised on exit instead of being logged.
+        """
+        if self._serving:
+            raise RuntimeError("this App is serving already")
+        self._serving = True
+        try:
+            if self._channel_closed:
+                self._open_channel()
+            if self.maildir is not None:
+                await self.maildir.open()
+            await _call_lifespan_hooks(self._startup_hooks)
+            consumer_errors: list[Exception] = []
+            body_error: Exception | None = None
+            try:
+                async with anyio.create_task_group() as tasks:
+                    if self._message_hooks:
+                        tasks.start_soon(self._consume, raise_exceptions, consumer_errors)
+                    try:
+                        yield self
+                    except Exception as exc:
+                        # Raised again outside the task group, which would wrap it in a group.
+                        body_error = exc
+                    finally:
+                        self._send.close()
+                        self._channel_closed = True
+                if body_error is not None:
+                    raise body_error
+            finally:
+                await _call_lifespan_hooks(self._shutdown_hooks)
+            if consumer_errors:
+                raise consumer_errors[0]
+        finally:
+            self._serving = False
+
+    async def _consume(self, raise_exceptions: bool, errors: list[Exception]) -> None:
+        receive = self._receive
+        hooks = self._message_hooks
+        while True:
+            try:
+                message = await receive.receive()
+            except anyio.EndOfStream:
+                return
+            # Take everything queued on this wake-up without going back to the scheduler.
+            while True:
+                for hook in hooks:
+                    try:
+                        result = hook(message)
+                        if inspect.isawaitable(result):
+                            await result
+                    except Exception as exc:
+                        if raise_exceptions:
+                            errors.append(exc)
+                        else:
+                            logger.exception("on_message hook failed for message %s", message.id)
+                try:
+                    message = receive.receive_nowait()
+                except anyio.WouldBlock:
+                    break
+                except anyio.EndOfStream:
+                    return
+
+
+def default_app(maildir: str | os.PathLike[str] = "./maildir", hostname: str | None = None) -> App:
+    """What ``minismtp run`` serves without an app: every message stored in ``maildir``.
+
+    The App logs one line per accepted message (logger ``minismtp.app``).
+    """
+    return App(hostname=hostname or socket.gethostname(), maildir=maildir)
