@@ -1,8 +1,23 @@
-"""Shared fixtures: the anyio backends every backend-neutral test runs on."""
+"""Shared fixtures: the anyio backends, trustme certificates, real servers on port 0, and a
+raw SMTP client for dialogues that smtplib will not have (pipelining tricks, bad clients)."""
 
 from __future__ import annotations
 
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+
+import anyio
+import attrs
 import pytest
+import trustme
+from anyio.abc import ByteStream
+from anyio.streams.tls import TLSStream
+
+from minismtp.app import App
+from minismtp.server import Server, ServerConfig, serve
+from minismtp.tls import TLSConfig
 
 
 @pytest.fixture(params=["asyncio", "trio"], scope="module")
@@ -10,3 +25,142 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     """Run each ``@pytest.mark.anyio`` test on asyncio and on trio."""
     backend: str = request.param
     return backend
+
+
+# -- certificates ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Certificates:
+    """A trustme CA and a server certificate for localhost/127.0.0.1, written out as PEM."""
+
+    ca: trustme.CA
+    cert_path: Path  # the chain: leaf first, then the CA
+    key_path: Path
+    ca_path: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        """What a careful client uses: verify the server against the trustme CA."""
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return context
+
+
+def issue_certificates(directory: Path, common_name: str = "localhost") -> Certificates:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", "127.0.0.1", "mx.test", common_name=common_name)
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path, ca_path = (directory / n for n in ("cert.pem", "key.pem", "ca.pem"))
+    leaf.private_key_pem.write_to_path(str(key_path))
+    cert_path.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    ca.cert_pem.write_to_path(str(ca_path))
+    return Certificates(ca, cert_path, key_path, ca_path)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    return issue_certificates(tmp_path_factory.mktemp("certs"))
+
+
+# -- servers ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def app() -> App:
+    return App(hostname="mx.test")
+
+
+@pytest.fixture
+def config() -> ServerConfig:
+    """Server settings for a test; override in a module or a test to change them."""
+    return ServerConfig(shutdown_grace=2.0)
+
+
+@pytest.fixture
+async def server(app: App, config: ServerConfig) -> AsyncIterator[Server]:
+    """``app`` served on 127.0.0.1, plain, on a free port."""
+    async with serve(app, "127.0.0.1", 0, config=config) as running:
+        yield running
+
+
+@pytest.fixture
+async def tls_server(app: App, config: ServerConfig, certs: Certificates) -> AsyncIterator[Server]:
+    """``app`` served with STARTTLS on ``port`` and implicit TLS on ``tls_port``."""
+    tls = TLSConfig(certs.cert_path, certs.key_path, handshake_timeout=1.0)
+    async with serve(app, "127.0.0.1", 0, tls=tls, tls_port=0, config=config) as running:
+        yield running
+
+
+# -- a raw client ---------------------------------------------------------------------------
+
+
+@attrs.define
+class WireClient:
+    """An SMTP client that sends exactly the bytes it is given and reads whole replies."""
+
+    stream: ByteStream
+    buffer: bytearray = attrs.field(factory=bytearray)
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send(data)
+
+    async def reply(self) -> str:
+        """The next reply, its lines joined by newlines; AssertionError at EOF."""
+        lines: list[str] = []
+        while True:
+            end = self.buffer.find(b"\r\n")
+            while end < 0:
+                try:
+                    self.buffer += await self.stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+                    raise AssertionError(
+                        f"connection closed; got {lines!r} {self.buffer!r}"
+                    ) from exc
+                end = self.buffer.find(b"\r\n")
+            line = self.buffer[:end].decode()
+            del self.buffer[: end + 2]
+            lines.append(line)
+            if line[3:4] != "-":
+                return "\n".join(lines)
+
+    async def command(self, line: str) -> str:
+        await self.send(line.encode() + b"\r\n")
+        return await self.reply()
+
+    async def at_eof(self) -> bool:
+        """True when the server has closed the connection (with nothing more to read)."""
+        if self.buffer:
+            return False
+        try:
+            data = await self.stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            return True
+        self.buffer += data
+        return False
+
+    async def starttls(self, context: ssl.SSLContext, hostname: str = "localhost") -> None:
+        self.stream = await TLSStream.wrap(
+            self.stream, hostname=hostname, ssl_context=context, standard_compatible=False
+        )
+
+
+Connect = Callable[..., AbstractAsyncContextManager[WireClient]]
+
+
+@pytest.fixture
+def connect() -> Connect:
+    """``async with connect(port) as client:`` (``tls=context`` for implicit TLS)."""
+
+    @asynccontextmanager
+    async def connect(
+        port: int, *, tls: ssl.SSLContext | None = None, hostname: str = "localhost"
+    ) -> AsyncIterator[WireClient]:
+        client = WireClient(await anyio.connect_tcp("127.0.0.1", port))
+        try:
+            if tls is not None:
+                await client.starttls(tls, hostname)
+            yield client
+        finally:
+            await anyio.aclose_forcefully(client.stream)
+
+    return connect

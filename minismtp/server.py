@@ -1,0 +1,541 @@
+"""The network server: listeners, one task per connection driving the engine, TLS, limits.
+
+It runs on any anyio backend (asyncio, asyncio with uvloop, trio) and never parses SMTP
+itself: each connection feeds what it reads to a :class:`~minismtp.protocol.Engine`, hands the
+engine's events to the App, and writes out the engine's replies, a pipelined batch at a time.
+
+What this layer owns, because it owns the clock and the sockets:
+
+- an idle timeout per command (RFC 5321 4.5.3.2.7; ``421 4.4.2``);
+- while message content streams in, a minimum data rate instead (Postfix's
+  ``smtpd_min_data_rate``): the deadline starts at the idle timeout and every chunk read
+  extends it by ``len(chunk) / min_data_rate`` seconds, up to the idle timeout again, so an
+  upload that keeps flowing at that rate is never cut while a trickle is;
+- a cap on the duration of a whole session;
+- a bound on concurrent connections (past it, ``421 4.7.0`` and close at once);
+- STARTTLS (RFC 3207) and implicit TLS on a second port (RFC 8314);
+- graceful shutdown: stop accepting, let transactions in progress finish within a grace
+  period, answer ``421 4.3.2`` to what remains, then let the App drain its channel.
+
+Use it as ``async with serve(app, host, port) as server:``, or through the seed's
+:class:`SmtpServer`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import Any, Protocol
+
+import anyio
+import attrs
+from anyio.abc import ByteStream, SocketAttribute, SocketListener, SocketStream, TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from minismtp.app import App
+from minismtp.events import Connect, Data, Event, Mail
+from minismtp.ids import new_id
+from minismtp.protocol import NEED_DATA, Closed, Engine, Limits, StartTLS
+from minismtp.tls import TLSConfig, TLSHandshakeFailed, tls_info
+from minismtp.types import Message, Reply, Session
+
+log = logging.getLogger("minismtp.server")
+
+IDLE_TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
+DATA_TOO_SLOW = Reply(421, "4.4.2", "Data rate too low, closing connection")
+SESSION_TOO_LONG = Reply(421, "4.4.2", "Session time limit exceeded, closing connection")
+SHUTTING_DOWN = Reply(421, "4.3.2", "Server shutting down, closing connection")
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+TALKED_FIRST = Reply(554, "5.5.1", "Protocol error: talked before greeting")
+
+# After the grace period and the 421s, how long connections get to finish before they are
+# cancelled outright (a client that stopped reading, an App call that hangs).
+_HARD_STOP_AFTER = 5.0
+
+
+class ServableApp(Protocol):
+    """What the server needs of an App (:class:`minismtp.app.App` is one)."""
+
+    hostname: str
+    limits: Limits
+
+    async def __call__(self, event: Event, /) -> Reply: ...
+
+    def serving(self) -> AbstractAsyncContextManager[Any]: ...
+
+    @property
+    def messages(self) -> MemoryObjectReceiveStream[Message]: ...
+
+
+@attrs.frozen
+class ServerConfig:
+    """Timeouts and limits of the network layer (the SMTP limits are the App's ``limits``)."""
+
+    idle_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: the server waits 5 minutes per command
+    min_data_rate: float = 500.0  # bytes/s during DATA/BDAT, as Postfix; 0: the idle timeout
+    max_session_duration: float | None = 3600.0
+    max_connections: int = 1000
+    shutdown_grace: float = 30.0  # seconds a transaction in progress gets to finish
+    read_size: int = 64 * 1024
+
+
+@attrs.define(eq=False)
+class Server:
+    """A running server: what ``serve()`` gives. Stop it with :meth:`stop`."""
+
+    app: ServableApp
+    config: ServerConfig = attrs.field(factory=ServerConfig)
+    tls: TLSConfig | None = None
+    require_tls: bool = False
+    addresses: list[tuple[str, int]] = attrs.field(factory=list)
+    tls_addresses: list[tuple[str, int]] = attrs.field(factory=list)
+    _listeners: list[tuple[SocketListener, bool]] = attrs.field(factory=list)
+    _connections: set[_Connection] = attrs.field(factory=set)
+    _active: int = 0  # accepted and not yet closed, TLS handshakes included
+    _stopping: bool = False
+    _stopped: anyio.Event = attrs.field(factory=anyio.Event)
+    _idle: anyio.Event | None = None
+    _accepting: anyio.CancelScope | None = None
+
+    @property
+    def port(self) -> int:
+        """The port of the plain listener (the bound one, also when asked for port 0)."""
+        return self.addresses[0][1]
+
+    @property
+    def tls_port(self) -> int | None:
+        """The port of the implicit TLS listener, if there is one."""
+        return self.tls_addresses[0][1] if self.tls_addresses else None
+
+    @property
+    def mail_rx(self) -> MemoryObjectReceiveStream[Message]:
+        """The receiving end of the App's message channel (the seed's name for it)."""
+        return self.app.messages
+
+    @property
+    def connections(self) -> int:
+        """Connections open right now."""
+        return self._active
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def reload_tls(self) -> bool:
+        """Read the certificate and key again for new connections (the CLI's SIGHUP)."""
+        return self.tls.reload() if self.tls is not None else False
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop gracefully; returns once every connection is closed.
+
+        Accepting stops at once and idle sessions get ``421 4.3.2``; a session inside a mail
+        transaction may finish it within ``grace`` seconds (``config.shutdown_grace`` by
+        default), then it gets the 421 too. Calling it again waits for the first call.
+        """
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.config.shutdown_grace if grace is None else grace
+        try:
+            if self._accepting is not None:
+                self._accepting.cancel()
+            with anyio.CancelScope(shield=True):
+                for listener, _ in self._listeners:
+                    await listener.aclose()
+            for connection in list(self._connections):
+                connection.close_unless_in_transaction(SHUTTING_DOWN)
+            if not await self._wait_closed(grace):
+                log.info("closing %d connection(s) still busy after %g s", self._active, grace)
+                self.abort()
+                if not await self._wait_closed(_HARD_STOP_AFTER):
+                    for connection in list(self._connections):
+                        connection.cancel_scope.cancel()
+                    await self._wait_closed(None)
+        finally:
+            self._stopped.set()
+
+    def abort(self) -> None:
+        """Answer ``421 4.3.2`` to every session now, in a transaction or not."""
+        for connection in list(self._connections):
+            connection.close_soon(SHUTTING_DOWN)
+
+    async def _wait_closed(self, within: float | None) -> bool:
+        with anyio.move_on_after(within):
+            while self._active:
+                self._idle = anyio.Event()
+                await self._idle.wait()
+            return True
+        return False
+
+    # -- accepting ------------------------------------------------------------------------
+
+    async def _accept_all(
+        self, connections: TaskGroup, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        async with anyio.create_task_group() as accepting:
+            self._accepting = accepting.cancel_scope
+            for listener, implicit_tls in self._listeners:
+                accepting.start_soon(self._accept, listener, implicit_tls, connections)
+            task_status.started()
+
+    async def _accept(
+        self, listener: SocketListener, implicit_tls: bool, connections: TaskGroup
+    ) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                return
+            except OSError as exc:
+                # Out of file descriptors or similar: back off rather than spin.
+                log.error("accept() failed: %s", exc)
+                await anyio.sleep(0.1)
+                continue
+            if self._active >= self.config.max_connections:
+                # Answered here, not in a new task, so a flood costs no unbounded work.
+                await self._refuse(stream, implicit_tls)
+                continue
+            self._active += 1
+            connections.start_soon(self._handle, stream, implicit_tls)
+
+    async def _refuse(self, stream: SocketStream, implicit_tls: bool) -> None:
+        peer = _ip_address(stream.extra(SocketAttribute.remote_address))
+        log.warning("refused %s: %d connections already open", peer[0], self._active)
+        with anyio.move_on_after(1.0):
+            # On the implicit TLS port a plaintext reply would be noise: just close.
+            if not implicit_tls:
+                with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                    await stream.send(bytes(TOO_MANY_CONNECTIONS))
+        await anyio.aclose_forcefully(stream)
+
+    async def _handle(self, stream: SocketStream, implicit_tls: bool) -> None:
+        session = Session(
+            id=new_id(),
+            hostname=self.app.hostname,
+            peer=_ip_address(stream.extra(SocketAttribute.remote_address)),
+            local=_ip_address(stream.extra(SocketAttribute.local_address)),
+        )
+        engine = Engine(
+            session,
+            self.app.limits,
+            tls_available=self.tls is not None,
+            require_tls=self.require_tls,
+        )
+        connection = _Connection(self, stream, engine)
+        self._connections.add(connection)
+        try:
+            with connection.cancel_scope:
+                await connection.run(implicit_tls)
+        except Exception:
+            # A bug in one session must not take the server down with it.
+            log.exception("session %s from %s failed", session.id, session.peer_host)
+        finally:
+            self._connections.discard(connection)
+            await anyio.aclose_forcefully(connection.stream)
+            self._active -= 1
+            if not self._active and self._idle is not None:
+                self._idle.set()
+
+
+@attrs.define(eq=False)
+class _Connection:
+    """One client connection: the driving loop of the engine, with its clocks."""
+
+    server: Server
+    stream: ByteStream
+    engine: Engine
+    cancel_scope: anyio.CancelScope = attrs.field(factory=anyio.CancelScope)
+    _read_scope: anyio.CancelScope | None = None
+    _closing: Reply | None = None  # set by the server: close with this at the next read
+    _session_deadline: float = attrs.field(init=False)
+    _receiving: bool = False  # inside DATA/BDAT content at the last read
+    _data_credit: float = 0.0  # seconds the content may still take (the data-rate deadline)
+    _transaction_started: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        cap = self.server.config.max_session_duration
+        self._session_deadline = anyio.current_time() + cap if cap is not None else float("inf")
+
+    def close_soon(self, reply: Reply) -> None:
+        """Close with ``reply`` instead of waiting for the client's next bytes."""
+        self._closing = reply
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+
+    def close_unless_in_transaction(self, reply: Reply) -> None:
+        # A session inside a transaction is let finish it: the loop closes it after.
+        if not self.engine.in_transaction:
+            self.close_soon(reply)
+
+    async def run(self, implicit_tls: bool) -> None:
+        engine = self.engine
+        session = engine.session
+        server = self.server
+        app = server.app
+        try:
+            if implicit_tls and not await self._start_tls(implicit=True):
+                return
+            while True:
+                if server._stopping and not engine.in_transaction:
+                    engine.close(SHUTTING_DOWN)  # no-op once the engine is closed
+                event = engine.next_event()
+                if event is NEED_DATA:
+                    await self._send()
+                    data = await self._receive()
+                    if data is not None:
+                        engine.receive_data(data)
+                elif isinstance(event, Event):
+                    reply = await app(event)
+                    engine.respond(reply)
+                    if isinstance(event, Connect):
+                        delay = session.extras.get("greeting_delay")
+                        if delay and 200 <= reply.code < 300:
+                            await self._delay_greeting(float(delay))
+                    elif isinstance(event, Mail):
+                        self._transaction_started = anyio.current_time()
+                    elif isinstance(event, Data):
+                        self._log_transaction(event, reply)
+                elif isinstance(event, StartTLS):
+                    await self._send()
+                    if not await self._start_tls():
+                        return
+                else:
+                    assert isinstance(event, Closed)
+                    await self._send()
+                    return
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError) as exc:
+            log.debug("session %s: connection lost: %r", session.id, exc)
+
+    async def _send(self) -> None:
+        out = self.engine.data_to_send()
+        if out:
+            # A client that does not read its replies must not hold the slot forever.
+            with anyio.move_on_after(self.server.config.idle_timeout) as scope:
+                await self.stream.send(out)
+            if scope.cancelled_caught:
+                raise anyio.BrokenResourceError("client stopped reading")
+
+    async def _receive(self) -> bytes | None:
+        """The client's next bytes (``b""`` at its EOF), or None when the engine was closed
+        instead: a timeout, or the server shutting down."""
+        engine = self.engine
+        if self._closing is not None:
+            engine.close(self._closing)
+            return None
+        config = self.server.config
+        started = anyio.current_time()
+        if engine.receiving_data and config.min_data_rate > 0:
+            if not self._receiving:
+                self._receiving = True
+                self._data_credit = config.idle_timeout
+            timeout, reason = self._data_credit, DATA_TOO_SLOW
+        else:
+            self._receiving = False
+            timeout, reason = config.idle_timeout, IDLE_TIMEOUT
+        deadline = started + timeout
+        if self._session_deadline < deadline:
+            deadline, reason = self._session_deadline, SESSION_TOO_LONG
+        data = b""
+        with anyio.CancelScope(deadline=deadline) as scope:
+            self._read_scope = scope
+            try:
+                data = await self.stream.receive(config.read_size)
+            except anyio.EndOfStream:
+                data = b""
+        self._read_scope = None
+        if scope.cancelled_caught:
+            reply = self._closing or reason
+            if reply is not SHUTTING_DOWN:
+                log.info(
+                    "session %s from %s: %s", engine.session.id, engine.session.peer_host, reply
+                )
+            engine.close(reply)
+            return None
+        if self._receiving:
+            elapsed = anyio.current_time() - started
+            credit = self._data_credit - elapsed + len(data) / config.min_data_rate
+            self._data_credit = min(config.idle_timeout, credit)
+        return data
+
+    async def _delay_greeting(self, delay: float) -> None:
+        """Hold the greeting back for ``delay`` seconds; a client that talks first is refused.
+
+        This is the hook for "early talker" checks (spambots that do not wait for the 220):
+        an ``on_connect`` hook or middleware sets ``session.extras["greeting_delay"]`` to a
+        number of seconds. If the client sends anything before the delay is over, it gets
+        ``554 5.5.1 Protocol error: talked before greeting`` instead of the greeting and the
+        connection is closed; otherwise the greeting goes out and the session goes on.
+        """
+        with anyio.move_on_after(delay) as scope:
+            self._read_scope = scope
+            try:
+                data = await self.stream.receive(self.server.config.read_size)
+            except anyio.EndOfStream:
+                data = b""
+        self._read_scope = None
+        if scope.cancelled_caught:
+            return  # quiet client (or the server stopping: the loop closes the session)
+        self.engine.data_to_send()  # the greeting is never sent
+        session = self.engine.session
+        if data:
+            log.info("session %s from %s talked before the greeting", session.id, session.peer_host)
+            self.engine.close(TALKED_FIRST)
+        else:
+            self.engine.close()
+
+    async def _start_tls(self, implicit: bool = False) -> bool:
+        """The handshake, for STARTTLS or on the implicit TLS port; False if it failed."""
+        tls = self.server.tls
+        assert tls is not None, "the engine offers STARTTLS only with a certificate"
+        session = self.engine.session
+        try:
+            stream = await tls.handshake(self.stream)
+        except TLSHandshakeFailed as exc:
+            log.info(
+                "session %s: TLS handshake with %s failed: %s", session.id, session.peer_host, exc
+            )
+            return False
+        self.stream = stream
+        if implicit:
+            # The session starts encrypted, before the greeting: nothing to reset.
+            session.tls = tls_info(stream)
+        else:
+            self.engine.tls_started(tls_info(stream))
+        return True
+
+    def _log_transaction(self, event: Data, reply: Reply) -> None:
+        # The App logs each message it accepts; this line adds the duration, and is the only
+        # one for a message refused at the end of DATA.
+        level = logging.DEBUG if 200 <= reply.code < 300 else logging.INFO
+        if not log.isEnabledFor(level):
+            return
+        session = event.session
+        transaction = event.transaction
+        log.log(
+            level,
+            "session %s from %s helo=%s from=<%s> to=%s size=%d reply=%d %s duration=%.3fs",
+            session.id,
+            session.peer_host,
+            session.helo_name,
+            transaction.mail_from,
+            ",".join(f"<{rcpt}>" for rcpt in transaction.rcpt_to),
+            len(event.data),
+            reply.code,
+            reply.lines[-1],
+            anyio.current_time() - self._transaction_started,
+        )
+
+
+def _ip_address(address: Any) -> tuple[str, int]:
+    if isinstance(address, tuple):
+        return (str(address[0]), int(address[1]))
+    return (str(address), 0)  # a UNIX socket path
+
+
+async def _bind(
+    host: str | None, port: int, implicit_tls: bool
+) -> list[tuple[SocketListener, bool]]:
+    multi = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    listeners: list[tuple[SocketListener, bool]] = []
+    for listener in multi.listeners:
+        assert isinstance(listener, SocketListener)
+        listeners.append((listener, implicit_tls))
+    return listeners
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    app: ServableApp,
+    host: str | None = "127.0.0.1",
+    port: int = 25,
+    *,
+    tls: TLSConfig | None = None,
+    tls_port: int | None = None,
+    require_tls: bool = False,
+    config: ServerConfig | None = None,
+) -> AsyncIterator[Server]:
+    """Serve ``app`` on ``host:port`` (and implicit TLS on ``tls_port``) for the ``with`` block.
+
+    The listeners are bound before the App's startup hooks run (a port in use fails fast
+    with :class:`OSError`). Leaving the block stops the server gracefully unless
+    :meth:`Server.stop` already did; leaving it with an exception stops it at once.
+    """
+    if tls_port is not None and tls is None:
+        raise ValueError("implicit TLS (tls_port) needs a certificate")
+    if require_tls and tls is None:
+        raise ValueError("require_tls needs a certificate")
+    server = Server(app, config or ServerConfig(), tls, require_tls)
+    try:
+        server._listeners += await _bind(host, port, False)
+        if tls_port is not None:
+            server._listeners += await _bind(host, tls_port, True)
+        for listener, implicit_tls in server._listeners:
+            address = _ip_address(listener.extra(SocketAttribute.local_address))
+            (server.tls_addresses if implicit_tls else server.addresses).append(address)
+        async with app.serving(), anyio.create_task_group() as connections:
+            await connections.start(server._accept_all, connections)
+            try:
+                yield server
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await server.stop(grace=0)
+                raise
+            await server.stop()
+    finally:
+        with anyio.CancelScope(shield=True):
+            for listener, _ in server._listeners:
+                await listener.aclose()
+
+
+@attrs.define
+class SmtpServer:
+    """The seed's API: ``async with SmtpServer(host, port, domain).start() as listening:``.
+
+    ``timeout`` is the idle timeout per command in seconds, ``buffer_size`` the size of each
+    read, ``certs_path``/``key_path`` a PEM certificate (chain) and key for STARTTLS. Without
+    an ``app``, a plain :class:`~minismtp.app.App` named ``domain`` accepts everything and
+    puts each message on ``listening.mail_rx``; an App given keeps its own hostname.
+    """
+
+    host: str
+    port: int
+    domain: str
+    timeout: float | None = None
+    buffer_size: int | None = None
+    certs_path: str | os.PathLike[str] | None = None
+    key_path: str | os.PathLike[str] | None = None
+    app: ServableApp | None = None
+    _running: AbstractAsyncContextManager[Server] | None = attrs.field(default=None, init=False)
+
+    def start(self) -> AbstractAsyncContextManager[Server]:
+        defaults = ServerConfig()
+        config = ServerConfig(
+            idle_timeout=self.timeout if self.timeout is not None else defaults.idle_timeout,
+            read_size=self.buffer_size or defaults.read_size,
+        )
+        tls = TLSConfig(self.certs_path, self.key_path) if self.certs_path is not None else None
+        app = self.app if self.app is not None else App(hostname=self.domain)
+        return serve(app, self.host, self.port, tls=tls, config=config)
+
+    async def __aenter__(self) -> Server:
+        self._running = self.start()
+        return await self._running.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        running, self._running = self._running, None
+        assert running is not None
+        return await running.__aexit__(exc_type, exc, traceback)
+
+
+__all__: Sequence[str] = ["ServableApp", "Server", "ServerConfig", "SmtpServer", "serve"]
