@@ -167,14 +167,15 @@ class Engine:
         self._errors = 0
         self._junk = 0
         self._skipping_line = False  # inside a command line over the limit
-        # Message content, DATA or BDAT.
-        self._content = bytearray()
+        # Message content, DATA or BDAT: kept as a list of settled (unstuffed) pieces, so a
+        # large message is copied once more only, by the final join.
+        self._parts: list[bytes | memoryview] = []
+        self._size = 0  # octets of content kept so far
         self._content_failure: bytes | None = None  # the reply once content is refused
-        self._scan = 0  # where the search for the end of data resumes
-        self._line_start = 0  # start of the text line not yet checked against the limit
-        self._dropped = 0  # bytes counted past a failure and not kept
-        self._dots = 0  # stuffed dots counted in the content so far
-        self._dots_counted = 0  # where that count stops
+        self._incoming: list[bytes] = []  # reads not yet looked at, while in DATA
+        self._tail = b""  # DATA bytes not yet settled: from the last CRLF on
+        self._line_from = 0  # where the current text line starts, relative to the next segment
+        self._skip = 0  # octets of the CRLF put before the content still to strip
         self._bdat_remaining = 0
         self._bdat_last = False
         self._chunking = False  # this transaction has used BDAT
@@ -191,6 +192,11 @@ class Engine:
         return self.transaction is not None or self.receiving_data
 
     @property
+    def buffered(self) -> int:
+        """Bytes of the client's held by the engine; bounded by the limits, whatever arrives."""
+        return len(self._buf) + len(self._tail) + self._size + sum(map(len, self._incoming))
+
+    @property
     def closed(self) -> bool:
         return self._state is _State.CLOSED
 
@@ -198,6 +204,8 @@ class Engine:
         """Feed bytes from the client; ``b""`` means the client closed its side."""
         if not data:
             self._eof = True
+        elif self._state is _State.DATA:
+            self._incoming.append(data)
         elif self._state is not _State.CLOSED and self._state is not _State.TLS:
             # Bytes that arrive while a STARTTLS handshake is pending were sent in the clear
             # after STARTTLS; they are dropped, never parsed (RFC 3207 4.2, CVE-2011-0411).
@@ -350,7 +358,8 @@ class Engine:
     def _reset_transaction(self) -> None:
         self.transaction = None
         self._chunking = False
-        self._content = bytearray()
+        self._parts = []
+        self._size = 0
         self._content_failure = None
 
     def _text(self, arg: bytes) -> str | None:
@@ -452,14 +461,14 @@ class Engine:
         if not transaction.rcpt_to:
             return self._error(NEED_RCPT)
         self._reply(DATA_GO_AHEAD)
-        # The content is searched for CRLF.CRLF as if preceded by a CRLF, so that an empty
-        # message (a lone "." line) and a first line starting with a dot need no special case.
-        self._buf[0:0] = b"\r\n"
-        self._scan = 0
-        self._line_start = 2
-        self._dropped = 0
-        self._dots = self._dots_counted = 0
-        self._content_failure = None
+        # The content is searched as if preceded by a CRLF, so that an empty message (a lone
+        # "." line) and a first line starting with a dot need no special case.
+        self._tail = b"\r\n"
+        self._skip = 2
+        self._line_from = 2
+        if self._buf:
+            self._incoming.append(bytes(self._buf))
+            self._buf.clear()
         self._state = _State.DATA
         return None
 
@@ -469,7 +478,6 @@ class Engine:
             return self._error(BDAT_SYNTAX)
         self._bdat_remaining = int(size)
         self._bdat_last = bool(last)
-        self._dropped = 0
         # RFC 3030 3: a chunk is read in full even when it is refused.
         transaction = self.transaction
         if transaction is None:
@@ -527,61 +535,78 @@ class Engine:
     # -- message content --------------------------------------------------------------------
 
     def _receive_dotted(self) -> Event | NeedData | Closed | None:
-        """DATA content: find CRLF.CRLF in the new bytes only, checking limits as it streams."""
-        buf = self._buf
-        end = buf.find(_END_OF_DATA, self._scan)
+        """DATA content: each read is searched once for CRLF.CRLF and settled whole."""
+        incoming = self._incoming
+        if not incoming:
+            return self._lost() if self._eof else NEED_DATA
+        segment = self._tail + incoming.pop(0)
+        end = segment.find(_END_OF_DATA)
         if end < 0:
-            if self._eof:
-                return self._lost()
-            if self._content_failure is None:
-                self._check_streaming(len(buf))
-            if self._content_failure is not None:
-                # Refused already: count and drop, keeping only what may start the terminator.
-                keep = min(len(buf), 4)
-                self._dropped += len(buf) - keep
-                del buf[:-keep]
-            self._scan = max(0, len(buf) - 4)
-            return NEED_DATA
-        if self._content_failure is None:
-            self._check_streaming(end + 2)
-        failure = self._content_failure
-        self._state = _State.COMMAND
-        if failure is not None:
-            del buf[: end + 5]
-            self._reply(failure)
-            self._reset_transaction()
+            # Settle up to the last CRLF: no stuffed dot or end of data can straddle that cut.
+            cut = segment.rfind(b"\r\n")
+            if cut < 0:
+                cut = len(segment) - 1 if segment.endswith(b"\r") else len(segment)
+            self._settle(segment, cut)
+            self._tail = segment[cut:]
             return None
-        # buf still starts with the CRLF put before the content, so one replace unstuffs
-        # every line, the first included (RFC 5321 4.5.2).
-        wire = bytes(memoryview(buf)[: end + 2])
-        del buf[: end + 5]
-        if b"\r\n." in wire:
-            wire = wire.replace(b"\r\n.", b"\r\n")
-        return self._finish_content(wire[2:])
+        self._settle(segment[: end + 2], end + 2)
+        self._tail = b""
+        self._state = _State.COMMAND
+        self._buf += memoryview(segment)[end + 5 :]
+        for chunk in incoming:
+            self._buf += chunk
+        incoming.clear()
+        return self._finish_content()
 
-    def _check_streaming(self, end: int) -> None:
-        """Size and text-line limits over ``self._buf[:end]``, as far as not yet checked."""
-        buf = self._buf
-        transaction = self.transaction
-        assert transaction is not None
-        if end - 2 > transaction.max_size:
-            # The wire size counts stuffed dots but the limit is on the content (RFC 1870):
-            # count the dots of the bytes not yet counted, and decide on the difference.
-            self._dots += buf.count(b"\r\n.", self._dots_counted, end)
-            self._dots_counted = end - 2
-            if end - 2 - self._dots > transaction.max_size:
-                self._content_failure = TOO_BIG
-                return
+    def _settle(self, segment: bytes, cut: int) -> None:
+        """Check, unstuff and keep ``segment[:cut]``, which holds whole CRLFs only.
+
+        ``cut`` is the length of ``segment`` or the start of its last CRLF.
+        """
+        if self._content_failure is not None:
+            return
         max_line = self.limits.max_text_line
         if max_line:
-            pos = self._line_start
-            while end - pos > max_line:
-                newline = buf.rfind(b"\n", pos, pos + max_line)
+            pos = self._line_from
+            while cut - pos > max_line:
+                newline = segment.rfind(b"\n", max(pos, 0), pos + max_line)
                 if newline < 0:
-                    self._content_failure = TEXT_LINE_TOO_LONG
+                    self._refuse_content(TEXT_LINE_TOO_LONG)
                     return
                 pos = newline + 1
-            self._line_start = pos
+            self._line_from = pos - cut
+        crlf = segment.count(b"\r\n", 0, cut)
+        if segment.count(b"\n", 0, cut) != crlf or segment.count(b"\r", 0, cut) != crlf:
+            if not self.limits.accept_bare_line_endings:
+                self._refuse_content(BARE_LINE_END_IN_DATA)
+                return
+            # Unstuff first, so that only real CRLF-dot line starts lose their dot.
+            piece = segment[:cut].replace(b"\r\n.", b"\r\n")
+            self._keep(_BARE_LINE_END.sub(b"\r\n", piece)[self._skip :])
+        else:
+            # Unstuffing keeps every CRLF, so the cut is the last CRLF of the result too;
+            # a view of it is kept, not a copy (join takes views).
+            unstuffed = segment.replace(b"\r\n.", b"\r\n")
+            if len(unstuffed) != len(segment):
+                cut = unstuffed.rfind(b"\r\n") if cut < len(segment) else len(unstuffed)
+            self._keep(memoryview(unstuffed)[self._skip : cut])
+        if cut:
+            self._skip = 0
+
+    def _keep(self, piece: bytes | memoryview) -> None:
+        self._size += len(piece)
+        transaction = self.transaction
+        assert transaction is not None
+        if self._size > transaction.max_size:
+            self._refuse_content(TOO_BIG)
+        elif piece:
+            self._parts.append(piece)
+
+    def _refuse_content(self, reply: bytes) -> None:
+        """Refused while streaming: keep reading to the end, but keep nothing."""
+        self._content_failure = reply
+        self._parts = []
+        self._size = 0
 
     def _receive_chunk(self) -> Event | NeedData | Closed | None:
         """A BDAT chunk: exactly the announced number of octets, which are not parsed."""
@@ -589,46 +614,41 @@ class Engine:
         take = min(self._bdat_remaining, len(buf))
         if take:
             if self._content_failure is None:
-                self._content += memoryview(buf)[:take]
-                transaction = self.transaction
-                assert transaction is not None
-                if len(self._content) > transaction.max_size:
-                    self._content_failure = TOO_BIG
-                    self._content = bytearray()
-            else:
-                self._dropped += take
+                self._keep(bytes(memoryview(buf)[:take]))
             del buf[:take]
             self._bdat_remaining -= take
         if self._bdat_remaining:
             return self._lost() if self._eof else NEED_DATA
         self._state = _State.COMMAND
         failure = self._content_failure
-        if failure is not None:
+        if failure is NEED_MAIL or failure is NEED_RCPT:
             self._content_failure = None
-            if failure is NEED_MAIL or failure is NEED_RCPT:
-                return self._error(failure)
-            self._reply(failure)
+            return self._error(failure)
+        if failure is None and not self._bdat_last:
+            self._reply(_r(250, "2.0.0", f"{self._size} octets received"))
+            return None
+        if failure is None:
+            content = b"".join(self._parts)
+            crlf = content.count(b"\r\n")
+            if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
+                if not self.limits.accept_bare_line_endings:
+                    self._content_failure = BARE_LINE_END_IN_DATA
+                else:
+                    content = _BARE_LINE_END.sub(b"\r\n", content)
+            self._parts = [content]
+        return self._finish_content()
+
+    def _finish_content(self) -> Event | None:
+        """The content is complete: refuse it, or ask the App with a Data event."""
+        failure = self._content_failure
+        transaction = self.transaction
+        if failure is not None or transaction is None:
+            self._reply(failure or NEED_MAIL)
             self._reset_transaction()
             return None
-        if not self._bdat_last:
-            size = len(self._content)
-            self._reply(_r(250, "2.0.0", f"{size} octets received"))
-            return None
-        content = bytes(self._content)
-        self._content = bytearray()
-        return self._finish_content(content)
-
-    def _finish_content(self, content: bytes) -> Event | None:
-        """The bare CR/LF rule that closes SMTP smuggling, then the Data event."""
-        crlf = content.count(b"\r\n")
-        if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
-            if not self.limits.accept_bare_line_endings:
-                self._reply(BARE_LINE_END_IN_DATA)
-                self._reset_transaction()
-                return None
-            content = _BARE_LINE_END.sub(b"\r\n", content)
-        transaction = self.transaction
-        assert transaction is not None
+        content = b"".join(self._parts)
+        self._parts = []
+        self._size = 0
         return Data(self.session, transaction, content)
 
 

@@ -17,7 +17,11 @@ def accept_all(event: Event) -> Reply:
     if isinstance(event, Connect):
         return Reply(220, None, "mx.test ESMTP")
     if isinstance(event, Helo):
-        return Reply(250, None, ("mx.test", *event.keywords)) if event.esmtp else Reply(250, None, "mx.test")
+        return (
+            Reply(250, None, ("mx.test", *event.keywords))
+            if event.esmtp
+            else Reply(250, None, "mx.test")
+        )
     if isinstance(event, Mail):
         return Reply(250, "2.1.0", "OK")
     if isinstance(event, Rcpt):

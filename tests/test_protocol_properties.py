@@ -1,0 +1,137 @@
+"""Properties of the engine over any input, and the SMTP smuggling attack (SEC Consult, 2023)."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+from engine_driver import drive
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from minismtp.events import Data, Event, Helo, Mail, Rcpt
+from minismtp.protocol import Limits
+
+LIMITS = Limits(
+    max_message_size=2_000, max_command_line=128, max_errors=1_000, max_junk_commands=1_000
+)
+REPLY_LINE = re.compile(rb"[2-5][0-9][0-9]([ -])[^\r\n]*\r\n")
+
+TOKENS = [
+    b"EHLO x\r\n",
+    b"HELO y\r\n",
+    b"MAIL FROM:<a@b.c>\r\n",
+    b"MAIL FROM:<>\r\n",
+    b"RCPT TO:<d@e.f>\r\n",
+    b"RCPT TO:<postmaster>\r\n",
+    b"DATA\r\n",
+    b".\r\n",
+    b"..\r\n",
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b".",
+    b"BDAT 3\r\n",
+    b"BDAT 2 LAST\r\n",
+    b"BDAT 0 LAST\r\n",
+    b"RSET\r\n",
+    b"NOOP\r\n",
+    b"QUIT\r\n",
+    b"STARTTLS\r\n",
+    b"VRFY a\r\n",
+    b"x" * 300,
+    b"MAIL FROM:<a@b.c> SIZE=10 BODY=8BITMIME\r\n",
+    b"\r\n.\r\n",
+    b"\xff\xfe",
+]
+smtpish = st.lists(st.sampled_from(TOKENS) | st.binary(max_size=40), max_size=40).map(b"".join)
+
+
+def cut(data: bytes, points: list[int]) -> list[bytes]:
+    edges = sorted({0, len(data), *(p % (len(data) + 1) for p in points)})
+    return [data[a:b] for a, b in itertools.pairwise(edges)]
+
+
+def summary(event: Event) -> tuple[object, ...]:
+    if isinstance(event, Helo):
+        return ("helo", event.name, event.esmtp)
+    if isinstance(event, Mail | Rcpt):
+        return (type(event).__name__, str(event.address), tuple(event.params.items()))
+    if isinstance(event, Data):
+        return ("data", event.data, tuple(map(str, event.transaction.rcpt_to)))
+    return (type(event).__name__,)
+
+
+def check_replies(out: bytes) -> None:
+    """Every reply is ``code SP text CRLF``, multi-line ones with one code throughout."""
+    pos = 0
+    code = None
+    for match in REPLY_LINE.finditer(out):
+        assert match.start() == pos, out[pos : pos + 80]
+        line_code = match.group()[:3]
+        assert code in (None, line_code)
+        code = None if match.group(1) == b" " else line_code
+        pos = match.end()
+    assert pos == len(out) and code is None
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=smtpish, points=st.lists(st.integers(min_value=0), max_size=12))
+def test_any_input_any_cut_same_events_valid_replies(data: bytes, points: list[int]) -> None:
+    """Never raises; replies are well formed; chunking does not change the outcome.
+
+    (Without TLS: after STARTTLS, what shared the client's write is dropped by design.)
+    """
+    whole = drive(data, limits=LIMITS)
+    pieces = drive(cut(data, points), limits=LIMITS)
+    check_replies(whole.out)
+    assert pieces.out == whole.out
+    assert [summary(e) for e in pieces.events] == [summary(e) for e in whole.events]
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.lists(st.binary(min_size=1, max_size=3000), max_size=30))
+def test_memory_held_stays_bounded(data: list[bytes]) -> None:
+    """Whatever arrives, the engine holds at most a line or a message (at the limits) plus a read."""
+    from minismtp.protocol import NEED_DATA, Closed, Engine, StartTLS
+    from minismtp.types import Reply, Session
+
+    engine = Engine(Session(), LIMITS)
+    prefix = [b"EHLO x\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n"]
+    bound = 2 * LIMITS.max_message_size + LIMITS.max_command_line + 3000
+    for chunk in prefix + data:
+        engine.receive_data(chunk)
+        while True:
+            event = engine.next_event()
+            if event is NEED_DATA or isinstance(event, Closed | StartTLS):
+                break
+            engine.respond(Reply(220 if type(event).__name__ == "Connect" else 250, None, "ok"))
+        engine.data_to_send()
+        assert engine.buffered <= bound
+        if isinstance(event, Closed | StartTLS):
+            break
+
+
+TX = b"EHLO x\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n"
+SMUGGLED = (
+    b"MAIL FROM:<admin@example.com>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\n"
+    b"From: admin@example.com\r\n\r\nsmuggled\r\n"
+)
+FAKE_ENDS = [b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r", b"\r\n.\n"]
+
+
+@pytest.mark.parametrize("fake_end", FAKE_ENDS, ids=repr)
+@pytest.mark.parametrize("normalise", [False, True], ids=["reject", "normalise"])
+def test_smtp_smuggling_yields_one_message_or_a_rejection(fake_end: bytes, normalise: bool) -> None:
+    """RFC 5321 4.1.1.4: only CRLF.CRLF ends data; a fake end never starts a transaction."""
+    data = TX + b"Subject: hi\r\n\r\nbody" + fake_end + SMUGGLED + b".\r\nQUIT\r\n"
+    for chunks in ([data], [bytes([b]) for b in data]):
+        run = drive(chunks, limits=Limits(accept_bare_line_endings=normalise))
+        mails = [e for e in run.events if isinstance(e, Mail)]
+        assert [str(m.address) for m in mails] == ["alice@example.org"]
+        assert len(run.messages) <= 1
+        if normalise:
+            assert len(run.messages) == 1 and b"smuggled" in run.messages[0]
+        else:
+            assert run.messages == [] and "550 5.5.2" in run.replies[-2]
