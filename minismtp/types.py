@@ -45,6 +45,7 @@ class Reply:
     code: int = attrs.field(validator=_check_code)
     status: str | None = attrs.field(default=None, validator=_check_status)
     text: str | tuple[str, ...] = attrs.field(default="", converter=_to_text, validator=_check_text)
+    _wire: bytes | None = attrs.field(default=None, init=False, eq=False, repr=False)
 
     @property
     def lines(self) -> tuple[str, ...]:
@@ -75,13 +76,18 @@ class Reply:
         return attrs.evolve(self, text=(head, *keep))
 
     def __bytes__(self) -> bytes:
-        prefix = f"{self.status} " if self.status else ""
-        lines = self.lines
-        last = len(lines) - 1
-        return "".join(
-            f"{self.code}{' ' if i == last else '-'}{prefix}{line}\r\n"
-            for i, line in enumerate(lines)
-        ).encode("utf-8")
+        wire = self._wire
+        if wire is None:
+            prefix = f"{self.status} " if self.status else ""
+            lines = self.lines
+            last = len(lines) - 1
+            wire = "".join(
+                f"{self.code}{' ' if i == last else '-'}{prefix}{line}\r\n"
+                for i, line in enumerate(lines)
+            ).encode("utf-8")
+            # Replies are mostly constants answered again and again: encode each once.
+            object.__setattr__(self, "_wire", wire)
+        return wire
 
     def __str__(self) -> str:
         return bytes(self).decode("utf-8").rstrip("\r\n")
