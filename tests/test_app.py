@@ -154,7 +154,7 @@ async def test_connect_hook_refusal_ends_the_session() -> None:
 
 async def test_hook_returning_something_else_is_a_type_error() -> None:
     app = App()
-    app.on_mail(lambda tx, sender: True)  # type: ignore[arg-type,return-value]
+    app.on_mail(lambda tx, sender: True)  # type: ignore[type-var]
     async with TestClient(app) as client:
         await client.ehlo()
         with pytest.raises(TypeError, match="None or a Reply"):
@@ -233,7 +233,7 @@ class DenyRecipients:
 async def test_middleware_rejecting_stops_the_event_before_the_hooks() -> None:
     app = App()
     hooked: list[Address] = []
-    app.on_rcpt(lambda tx, rcpt: hooked.append(rcpt))  # type: ignore[func-returns-value]
+    app.on_rcpt(lambda tx, rcpt: hooked.append(rcpt))
     app.add_middleware(DenyRecipients, denied={"Bad@Example.com"})
     async with TestClient(app) as client:
         await client.ehlo()
@@ -342,7 +342,7 @@ async def test_middleware_exception_is_answered_451() -> None:
 
 async def test_app_call_never_raises_but_raise_mode_does() -> None:
     app = App()
-    app.on_connect(lambda session: 1 / 0)  # type: ignore[arg-type,return-value]
+    app.on_connect(lambda session: 1 / 0)  # type: ignore[type-var]
     event = Connect(Session())
     assert await app(event) == LOCAL_ERROR
     with pytest.raises(ZeroDivisionError):

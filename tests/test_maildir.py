@@ -12,7 +12,6 @@ from pathlib import Path
 import anyio
 import pytest
 
-from minismtp import maildir as maildir_module
 from minismtp.maildir import Maildir, unique_name
 
 pytestmark = pytest.mark.anyio
@@ -68,7 +67,7 @@ async def test_failed_write_leaves_nothing_behind(
     def broken_fsync(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(maildir_module.os, "fsync", broken_fsync)
+    monkeypatch.setattr(os, "fsync", broken_fsync)
     with pytest.raises(OSError):
         await box.put(b"data\r\n")
     assert list((tmp_path / "tmp").iterdir()) == []

@@ -189,7 +189,7 @@ async def test_without_tls_starttls_is_not_available() -> None:
 async def test_peer_is_what_the_app_sees() -> None:
     app = App()
     peers: list[tuple[str, int]] = []
-    app.on_connect(lambda session: peers.append(session.peer))  # type: ignore[func-returns-value]
+    app.on_connect(lambda session: peers.append(session.peer))
     async with TestClient(app, peer=("2001:db8::5", 1234)) as client:
         await one(client)
     assert peers == [("2001:db8::5", 1234)]
