@@ -1,7 +1,38 @@
-"""minismtp: an asynchronous SMTP receiving server framework on anyio."""
+"""minismtp: an asynchronous SMTP receiving server framework on anyio.
 
+The public API lives here; everything else is in modules named for what they hold
+(``minismtp.events`` for middleware authors, ``minismtp.testing`` for tests,
+``minismtp.protocol`` for the sans-I/O engine).
+"""
+
+from minismtp.app import App
+from minismtp.events import Connect, Data, Event, Handler, Helo, Mail, Rcpt
+from minismtp.maildir import Maildir
+from minismtp.protocol import Limits
+from minismtp.server import Server, SmtpServer, serve
 from minismtp.types import Address, Message, Reply, Session, TLSInfo, Transaction
 
 __version__ = "0.1.0"
 
-__all__ = ["Address", "Message", "Reply", "Session", "TLSInfo", "Transaction", "__version__"]
+__all__ = [
+    "Address",
+    "App",
+    "Connect",
+    "Data",
+    "Event",
+    "Handler",
+    "Helo",
+    "Limits",
+    "Mail",
+    "Maildir",
+    "Message",
+    "Rcpt",
+    "Reply",
+    "Server",
+    "Session",
+    "SmtpServer",
+    "TLSInfo",
+    "Transaction",
+    "__version__",
+    "serve",
+]
