@@ -12,6 +12,7 @@ people does not show each of them the others (RFC 5321 7.2).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import time
@@ -25,6 +26,7 @@ from minismtp.types import Session, Transaction
 _HELO_TOKEN = re.compile(r"[A-Za-z0-9.\-_:\[\]\u0080-\U0010ffff]+")
 
 
+@functools.lru_cache(maxsize=4096)  # peers come back; parsing an address costs 3 µs
 def address_literal(host: str) -> str | None:
     """``host`` as an RFC 5321 address literal (``[192.0.2.7]``, ``[IPv6:2001:db8::1]``)."""
     try:
@@ -34,6 +36,20 @@ def address_literal(host: str) -> str | None:
     if ip.version == 6:
         return f"[IPv6:{ip.compressed}]"
     return f"[{ip}]"
+
+
+_date_cache: tuple[int, str] = (-1, "")
+
+
+def rfc5322_date(when: float) -> str:
+    """``when`` as an RFC 5322 date-time in local time; computed once per second."""
+    global _date_cache
+    second = int(when)
+    cached_second, date = _date_cache
+    if cached_second != second:
+        date = formatdate(second, localtime=True)
+        _date_cache = (second, date)
+    return date
 
 
 def with_protocol(session: Session, transaction: Transaction) -> str:
@@ -58,7 +74,7 @@ def received_header(
     tcp_info = f" ({literal})" if literal else ""
     recipients = transaction.rcpt_to
     for_clause = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
-    date = formatdate(time.time() if when is None else when, localtime=True)
+    date = rfc5322_date(time.time() if when is None else when)
     return (
         f"Received: from {from_domain}{tcp_info}\r\n"
         f"\tby {by} with {with_protocol(session, transaction)} id {message_id}"
