@@ -371,7 +371,9 @@ class App:
         On entry: the Maildir's folders are created, startup hooks run and the ``on_message``
         consumer starts. On exit: the channel is closed, the consumer drains every message
         accepted so far, then shutdown hooks run. With ``raise_exceptions`` an exception from
-        an ``on_message`` hook is raised on exit instead of being logged.
+        an ``on_message`` hook is raised on exit instead of being logged. The drain happens on
+        a normal exit (a graceful shutdown); if the serving period is cancelled, the consumer
+        is cancelled with it and what it had not taken yet stays on :attr:`messages`.
         """
         if self._serving:
             raise RuntimeError("this App is serving already")
