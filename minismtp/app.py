@@ -314,13 +314,13 @@ class App:
             mail_from=transaction.mail_from,
             rcpt_to=tuple(transaction.rcpt_to),
             data=trace + event.data,
-            original=event.data,
             peer=session.peer,
             helo_name=session.helo_name,
             tls=session.tls,
             received_at=now,
             mail_params=transaction.mail_params,
             rcpt_params=tuple(transaction.rcpt_params),
+            trace_length=len(trace),
         )
 
     async def _accept(self, event: Data) -> Reply:
@@ -342,7 +342,7 @@ class App:
                 message.helo_name,
                 message.mail_from,
                 ",".join(f"<{rcpt}>" for rcpt in message.rcpt_to),
-                len(message.original),
+                message.size,
             )
         return Reply(250, "2.0.0", f"OK queued as {message.id}")
 

@@ -159,6 +159,9 @@ class Engine:
         self.tls_available = tls_available
         self.require_tls = require_tls
         self.transaction: Transaction | None = None
+        #: Transactions ended since the caller last emptied this list (for logs and metrics),
+        #: each with its ``reply_code``: the final reply, or None if it was abandoned.
+        self.finished: list[Transaction] = []
         self._state = _State.CONNECT
         self._buf = bytearray()
         self._out = bytearray()
@@ -268,7 +271,7 @@ class Engine:
             if accepted:
                 self.session.transactions += 1
                 self._junk = 0
-            self._reset_transaction()
+            self._reset_transaction(reply.code)
         if reply.code == 421:
             self._state = _State.CLOSED
 
@@ -287,6 +290,7 @@ class Engine:
         """End the session from the server's side (timeout, shutdown), with a last reply."""
         if self._state is not _State.CLOSED and reply is not None:
             self._out += bytes(reply)
+        self._reset_transaction()
         self._state = _State.CLOSED
         self._pending = None
 
@@ -355,7 +359,12 @@ class Engine:
             return _CLOSED
         return None
 
-    def _reset_transaction(self) -> None:
+    def _reset_transaction(self, reply_code: int | None = None) -> None:
+        """End the transaction, if one is open, with the reply that ended it (None: abandoned)."""
+        transaction = self.transaction
+        if transaction is not None:
+            transaction.reply_code = reply_code
+            self.finished.append(transaction)
         self.transaction = None
         self._chunking = False
         self._parts = []
@@ -516,6 +525,7 @@ class Engine:
         if arg:
             return self._error(NO_ARGUMENTS)
         self._reply(BYE)
+        self._reset_transaction()
         self._state = _State.CLOSED
         return _CLOSED
 
@@ -643,10 +653,12 @@ class Engine:
         failure = self._content_failure
         transaction = self.transaction
         if failure is not None or transaction is None:
-            self._reply(failure or NEED_MAIL)
-            self._reset_transaction()
+            failure = failure or NEED_MAIL
+            self._reply(failure)
+            self._reset_transaction(int(failure[:3]))
             return None
         content = b"".join(self._parts)
+        transaction.size = len(content)
         self._parts = []
         self._size = 0
         return Data(self.session, transaction, content)

@@ -173,6 +173,8 @@ class Transaction:
     rcpt_params: list[dict[str, str | None]] = attrs.field(factory=list)
     max_size: int = 32 * 1024 * 1024
     extras: dict[str, Any] = attrs.field(factory=dict)
+    size: int = 0  # octets of content, once it is complete
+    reply_code: int | None = None  # the reply that ended it; None while open, or if abandoned
 
     @property
     def declared_size(self) -> int | None:
@@ -193,17 +195,28 @@ class Message:
     """An accepted message, as handed to ``on_message`` consumers and ``app.messages``.
 
     ``data`` is the message with our ``Received:`` header prepended (RFC 5321 4.4);
-    ``original`` is the content exactly as the client sent it (after dot-unstuffing).
+    :attr:`original` is the content exactly as the client meant it (dot-unstuffed). Only
+    ``data`` is held, so a large message costs its size once, not twice.
     """
 
     id: str
     mail_from: Address
     rcpt_to: tuple[Address, ...]
     data: bytes
-    original: bytes
     peer: tuple[str, int]
     helo_name: str | None
     tls: TLSInfo | None
     received_at: float
     mail_params: dict[str, str | None] = attrs.field(factory=dict)
     rcpt_params: tuple[dict[str, str | None], ...] = ()
+    trace_length: int = 0  # octets of our trace header at the start of data
+
+    @property
+    def original(self) -> bytes:
+        """The content as the client sent it, without our trace header (a copy)."""
+        return self.data[self.trace_length :]
+
+    @property
+    def size(self) -> int:
+        """Octets of content as the client sent it."""
+        return len(self.data) - self.trace_length

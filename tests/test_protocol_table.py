@@ -384,3 +384,12 @@ def test_pipelined_replies_come_out_in_one_batch() -> None:
 
 def test_table_has_at_least_150_rows() -> None:
     assert len(CASES) + len(PROBES) >= 150
+
+
+def test_finished_transactions_carry_the_reply_that_ended_them() -> None:
+    """For logs and metrics: accepted, refused by the engine, abandoned by RSET or QUIT."""
+    big = TX + b"DATA\r\n" + b"x" * 200 + b"\r\n.\r\n"
+    run = drive(TX + MSG + big[len(E) :] + M + b"RSET\r\n" + M + R + b"QUIT\r\n", limits=Limits(max_message_size=100))
+    finished = run.engine.finished
+    assert [t.reply_code for t in finished] == [250, 552, None, None]
+    assert finished[0].size == len(b"Subject: hi\r\n\r\nbody\r\n")
