@@ -1,0 +1,89 @@
+"""The aiosmtpd side of the benchmark: aiosmtpd 1.4.6 as people use it today.
+
+A handler puts every message on an unbounded ``asyncio.Queue``; a consumer task drains it and
+counts (the same shape as the minismtp App's channel and ``@app.on_message`` consumer). No
+validation in the handler: this is aiosmtpd at its fastest.
+
+    python -m tests.bench.aiosmtpd_server --port 0 [--loop asyncio|uvloop]
+
+prints ``aiosmtpd listening on HOST:PORT (asyncio)`` once it accepts connections, and on exit
+(SIGTERM/SIGINT) ``aiosmtpd received N messages, B bytes`` on stderr.
+
+The server runs on the main thread's event loop (``loop.create_server`` with aiosmtpd's ``SMTP``
+protocol, exactly what ``aiosmtpd.controller.Controller`` does on its own thread), so the
+process's CPU time is the server's alone and no thread hand-off distorts the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+class QueueHandler:
+    """aiosmtpd handler: hand each message over on an unbounded queue, answer 250."""
+
+    def __init__(self, queue: asyncio.Queue[bytes]) -> None:
+        self.queue = queue
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content
+        assert isinstance(content, bytes)
+        self.queue.put_nowait(content)
+        return "250 2.0.0 OK queued"
+
+
+async def consume(queue: asyncio.Queue[bytes], totals: list[int]) -> None:
+    """Drain the queue, taking everything queued on each wake-up."""
+    while True:
+        content = await queue.get()
+        totals[0] += 1
+        totals[1] += len(content)
+        while not queue.empty():
+            content = queue.get_nowait()
+            totals[0] += 1
+            totals[1] += len(content)
+
+
+async def serve(host: str, port: int, loop_name: str) -> None:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[bytes] = asyncio.Queue()  # maxsize 0: unbounded
+    totals = [0, 0]
+    consumer = asyncio.create_task(consume(queue, totals))
+    handler = QueueHandler(queue)
+    server = await loop.create_server(
+        lambda: SMTP(handler, hostname="mx.example.com"), host=host, port=port, backlog=4096
+    )
+    bound_host, bound_port = server.sockets[0].getsockname()[:2]
+    print(f"aiosmtpd listening on {bound_host}:{bound_port} ({loop_name})", flush=True)
+
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    server.close()
+    consumer.cancel()
+    print(f"aiosmtpd received {totals[0]} messages, {totals[1]} bytes", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    args = parser.parse_args(argv)
+    run: Any = asyncio.run
+    if args.loop == "uvloop":
+        import uvloop
+
+        run = uvloop.run
+    run(serve(args.host, args.port, args.loop))
+
+
+if __name__ == "__main__":
+    main()
