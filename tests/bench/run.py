@@ -1,0 +1,764 @@
+"""Side-by-side benchmark of minismtp and aiosmtpd (issue 7).
+
+Starts every selected server, drives them with the same client, alternates them (A B A B ...)
+over several rounds and prints the medians, with the ratio minismtp/aiosmtpd, as a Markdown
+table. See tests/bench/README.md for what each figure means.
+
+    python -m tests.bench.run                      # full run, ~5 minutes on 2 cores
+    python -m tests.bench.run --quick              # one round, small counts, ~1 minute
+    python -m tests.bench.run --targets aiosmtpd,minismtp-trio --scenarios 1k,latency
+    python -m tests.bench.run --profile            # also py-spy the 1 KB run of every server
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from tests.bench.client import HELO_NAME, MAIL_FROM, RCPT_TO
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+MIB = 1024 * 1024
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+BASELINE = "aiosmtpd"
+READY = re.compile(rb"listening on (\S+) \(([^)]*)\)")
+RECEIVED = re.compile(rb"received (\d+) messages")
+
+
+# --- servers -------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Target:
+    name: str
+    label: str
+    argv: tuple[str, ...]  # "{port}" is replaced by a free port for servers that print no port
+    env: tuple[tuple[str, str], ...] = ()
+
+
+def minismtp_command() -> list[str]:
+    script = Path(sys.executable).with_name("minismtp")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "minismtp"]
+
+
+def all_targets(smtp_sink: str | None) -> dict[str, Target]:
+    app = "tests.bench.minismtp_app:app"
+    targets = [
+        Target(
+            "aiosmtpd",
+            "aiosmtpd 1.4.6 (asyncio)",
+            (sys.executable, "-m", "tests.bench.aiosmtpd_server", "--port", "0"),
+        ),
+    ]
+    for loop in ("auto", "asyncio", "uvloop", "trio"):
+        targets.append(
+            Target(
+                f"minismtp-{loop}",
+                f"minismtp --loop {loop}",
+                (
+                    *minismtp_command(),
+                    "run",
+                    app,
+                    "--port",
+                    "0",
+                    "--loop",
+                    loop,
+                    "--max-connections",
+                    "4096",
+                ),
+            )
+        )
+    targets.append(
+        Target(
+            "aiosmtpd-uvloop",
+            "aiosmtpd 1.4.6 (uvloop)",
+            (
+                sys.executable,
+                "-m",
+                "tests.bench.aiosmtpd_server",
+                "--port",
+                "0",
+                "--loop",
+                "uvloop",
+            ),
+        )
+    )
+    if smtp_sink is not None:  # Postfix's C sink: a reference point, not a contender
+        targets.append(
+            Target(
+                "smtp-sink",
+                "Postfix smtp-sink (C)",
+                (smtp_sink, "-u", "nobody", "-m", "4096", "127.0.0.1:{port}", "4096"),
+                (("LD_LIBRARY_PATH", postfix_libs(smtp_sink)),),
+            )
+        )
+    return {t.name: t for t in targets}
+
+
+DEFAULT_TARGETS = ("aiosmtpd", "minismtp-auto", "minismtp-asyncio", "minismtp-trio")
+
+
+def postfix_libs(binary: str) -> str:
+    return str(Path(binary).parents[1] / "lib" / "postfix")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class ServerFailed(Exception):
+    pass
+
+
+@attrs.define
+class Server:
+    """One server process: started, measured from /proc, stopped."""
+
+    target: Target
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    loop: str = ""
+    sent: int = 0  # messages our clients had accepted, checked against the server's own count
+
+    def start(self, timeout: float = 30.0) -> None:
+        argv = list(self.target.argv)
+        fixed_port = any("{port}" in a for a in argv)
+        if fixed_port:
+            self.port = free_port()
+            argv = [a.replace("{port}", str(self.port)) for a in argv]
+        env = {**os.environ, **dict(self.target.env), "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerFailed(f"{self.target.name} exited:\n{self.log_tail()}")
+            if fixed_port:
+                if self._accepts():
+                    self.loop = "C"
+                    return
+            elif match := READY.search(self.log_path.read_bytes()):
+                address, self.loop = match.group(1).decode(), match.group(2).decode()
+                host, _, port = address.rpartition(":")
+                self.host, self.port = host.strip("[]"), int(port)
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise ServerFailed(f"{self.target.name} not ready after {timeout} s:\n{self.log_tail()}")
+
+    def _accepts(self) -> bool:
+        try:
+            socket.create_connection((self.host, self.port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the server process so far (/proc/<pid>/stat utime, stime)."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def memory_mb(self, field: str = "VmHWM") -> float:
+        """Peak (VmHWM) or current (VmRSS) resident set size, in MB."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024 / 1e6
+        raise ServerFailed(f"no {field} in /proc/{self.pid}/status")
+
+    def check_alive(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise ServerFailed(f"{self.target.name} died:\n{self.log_tail()}")
+
+    def stop(self) -> int | None:
+        """Stop (SIGINT, then harder) and return the count of messages the server reported."""
+        if self.proc is None:
+            return None
+        for signum, wait in ((signal.SIGINT, 15.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            if self.proc.poll() is not None:
+                break
+            self.proc.send_signal(signum)
+            try:
+                self.proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+        match = RECEIVED.search(self.log_path.read_bytes())
+        return int(match.group(1)) if match else None
+
+    def log_tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+
+# --- clients -------------------------------------------------------------------------------
+
+
+class ClientFailed(Exception):
+    pass
+
+
+@attrs.frozen
+class Clients:
+    """Postfix's smtp-source where it can be had, our uvloop client for everything else."""
+
+    smtp_source: str | None
+    procs: int
+    timeout: float = 300.0
+
+    def python(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "tests.bench.client", *args]
+
+    def load(
+        self,
+        server: Server,
+        *,
+        sessions: int,
+        messages: int,
+        size: int,
+        pipelining: bool = False,
+        dot_stuffed: bool = False,
+    ) -> float:
+        """Send ``messages`` messages over ``sessions`` parallel sessions; return the seconds."""
+        if self.smtp_source is not None and not pipelining and not dot_stuffed:
+            seconds = self._smtp_source(server, sessions, messages, size)
+        else:
+            argv = self.python(
+                "load",
+                server.host,
+                str(server.port),
+                "--sessions",
+                str(sessions),
+                "--messages",
+                str(messages),
+                "--size",
+                str(size),
+                "--procs",
+                str(self.procs),
+            )
+            argv += ["--pipelining"] * pipelining + ["--dot-stuffed"] * dot_stuffed
+            seconds = float(self._json(argv)["seconds"])
+        server.sent += messages
+        return seconds
+
+    def which(self, *, pipelining: bool = False, dot_stuffed: bool = False) -> str:
+        if self.smtp_source is not None and not pipelining and not dot_stuffed:
+            return "smtp-source"
+        return "client.py"
+
+    def _smtp_source(self, server: Server, sessions: int, messages: int, size: int) -> float:
+        argv = [self.smtp_source or "smtp-source", "-d", "-s", str(sessions), "-m", str(messages)]
+        argv += ["-l", str(size), "-M", HELO_NAME, "-f", MAIL_FROM, "-t", RCPT_TO]
+        argv.append(f"{server.host}:{server.port}")
+        env = {**os.environ, "LD_LIBRARY_PATH": postfix_libs(argv[0])}
+        started = time.perf_counter()
+        done = subprocess.run(argv, env=env, capture_output=True, timeout=self.timeout)
+        seconds = time.perf_counter() - started
+        if done.returncode != 0 or done.stderr:
+            raise ClientFailed(f"smtp-source: {done.stderr.decode(errors='replace').strip()}")
+        return seconds
+
+    def latency(self, server: Server, *, messages: int, size: int) -> dict[str, Any]:
+        argv = self.python("latency", server.host, str(server.port))
+        result = self._json([*argv, "--messages", str(messages), "--size", str(size)])
+        server.sent += messages
+        return result
+
+    def _json(self, argv: list[str]) -> dict[str, Any]:
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, timeout=self.timeout)
+        lines = done.stdout.decode().strip().splitlines()
+        result: dict[str, Any] = json.loads(lines[-1]) if lines else {}
+        if done.returncode != 0 or "error" in result:
+            why = result.get("error") or done.stderr.decode(errors="replace").strip()[-2000:]
+            raise ClientFailed(f"client.py: {why}")
+        return result
+
+    @contextmanager
+    def idle(self, server: Server, connections: int) -> Iterator[None]:
+        """Hold ``connections`` greeted sessions open (EHLO answered) for the with-block."""
+        argv = self.python("idle", server.host, str(server.port), "--connections", str(connections))
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert proc.stdout is not None and proc.stdin is not None
+        try:
+            ready, _, _ = select.select([proc.stdout], [], [], 60)
+            line = proc.stdout.readline() if ready else b""
+            if not line.startswith(b"ready"):
+                proc.kill()
+                err = proc.communicate()[1].decode(errors="replace").strip()[-2000:]
+                raise ClientFailed(f"idle client: {line!r} {err}")
+            yield
+        finally:
+            if proc.poll() is None:
+                proc.stdin.close()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+# --- scenarios -----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Row:
+    scenario: str
+    metric: str
+    label: str
+    fmt: str
+    higher_is_better: bool
+
+
+ROWS = (
+    Row("1k", "msgs_per_s", "1 KB, 50 sessions: msgs/s", "{:,.0f}", True),
+    Row("1k", "cpu_us", "1 KB, 50 sessions: server CPU/msg (µs)", "{:,.0f}", False),
+    Row("1k-pipe", "msgs_per_s", "1 KB, 50 sessions, PIPELINING: msgs/s", "{:,.0f}", True),
+    Row("1k-pipe", "cpu_us", "1 KB, 50 sessions, PIPELINING: CPU/msg (µs)", "{:,.0f}", False),
+    Row("10mb", "mb_per_s", "10 MB, 4 sessions: MB/s", "{:,.0f}", True),
+    Row("10mb", "cpu_ms_per_mb", "10 MB, 4 sessions: CPU/MB (ms)", "{:,.2f}", False),
+    Row("10mb-dots", "mb_per_s", "10 MB dot-stuffed, 4 sessions: MB/s", "{:,.0f}", True),
+    Row("10mb-dots", "cpu_ms_per_mb", "10 MB dot-stuffed: CPU/MB (ms)", "{:,.2f}", False),
+    Row("latency", "p50_us", "1 session, sequential: latency p50 (µs)", "{:,.0f}", False),
+    Row("latency", "p99_us", "1 session, sequential: latency p99 (µs)", "{:,.0f}", False),
+    Row("rss-idle", "rss_mb", "peak RSS, 1,000 idle connections (MB)", "{:,.1f}", False),
+    Row("rss-10mb", "rss_mb", "peak RSS, 4 concurrent 10 MB messages (MB)", "{:,.1f}", False),
+)
+SCENARIOS = tuple(dict.fromkeys(r.scenario for r in ROWS))
+FRESH = ("rss-idle", "rss-10mb")  # peak RSS needs a server that has done nothing else
+
+
+@attrs.frozen
+class Sizes:
+    """How much each scenario sends, per server and round."""
+
+    small: int = 20_000  # 1 KB messages per run
+    big: int = 16  # 10 MB messages per run (a multiple of 4 sessions)
+    latency: int = 2_000  # sequential messages
+    idle: int = 1_000  # idle connections
+    warmup: int = 2_000  # 1 KB messages once per server before measuring
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(small=5_000, big=4, latency=500, warmup=1_000)
+
+
+def load_metrics(
+    server: Server, run: Callable[[], float], messages: int, size: int
+) -> dict[str, float]:
+    cpu_before = server.cpu_seconds()
+    seconds = run()
+    cpu = server.cpu_seconds() - cpu_before
+    server.check_alive()
+    megabytes = messages * size / 1e6
+    return {
+        "msgs_per_s": messages / seconds,
+        "mb_per_s": megabytes / seconds,
+        "cpu_us": cpu / messages * 1e6,
+        "cpu_ms_per_mb": cpu / megabytes * 1e3,
+    }
+
+
+def measure(scenario: str, server: Server, clients: Clients, sizes: Sizes) -> dict[str, float]:
+    if scenario in ("1k", "1k-pipe"):
+        n, pipelining = sizes.small, scenario == "1k-pipe"
+        return load_metrics(
+            server,
+            lambda: clients.load(server, sessions=50, messages=n, size=1024, pipelining=pipelining),
+            n,
+            1024,
+        )
+    if scenario in ("10mb", "10mb-dots"):
+        n, dots = sizes.big, scenario == "10mb-dots"
+        return load_metrics(
+            server,
+            lambda: clients.load(server, sessions=4, messages=n, size=10 * MIB, dot_stuffed=dots),
+            n,
+            10 * MIB,
+        )
+    if scenario == "latency":
+        return clients.latency(server, messages=sizes.latency, size=1024)
+    if scenario == "rss-idle":
+        with clients.idle(server, sizes.idle):
+            server.check_alive()
+            return {"rss_mb": server.memory_mb()}
+    if scenario == "rss-10mb":
+        clients.load(server, sessions=4, messages=4, size=10 * MIB)
+        return {"rss_mb": server.memory_mb()}
+    raise ValueError(scenario)
+
+
+# --- the run -------------------------------------------------------------------------------
+
+Results = dict[str, dict[str, dict[str, list[float]]]]  # scenario -> metric -> target -> values
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+@attrs.define
+class Bench:
+    targets: list[Target]
+    scenarios: list[str]
+    clients: Clients
+    sizes: Sizes
+    rounds: int
+    workdir: Path
+    results: Results = attrs.field(factory=lambda: defaultdict(lambda: defaultdict(dict)))
+    loops: dict[str, str] = attrs.field(factory=dict)
+    delivered: dict[str, list[int]] = attrs.field(factory=dict)  # target -> [sent, counted]
+
+    def server(self, target: Target, tag: str) -> Server:
+        server = Server(target, self.workdir / f"{target.name}-{tag}.log")
+        server.start()
+        self.loops[target.name] = server.loop
+        return server
+
+    def stop(self, server: Server) -> None:
+        counted = server.stop()
+        if counted is not None:
+            totals = self.delivered.setdefault(server.target.name, [0, 0])
+            totals[0] += server.sent
+            totals[1] += counted
+
+    def delivery_check(self) -> tuple[bool, str]:
+        """Messages our clients had accepted vs. each server's own count, over all processes."""
+        lines = []
+        for name, (sent, counted) in self.delivered.items():
+            verdict = "ok" if sent == counted else "MISMATCH"
+            lines.append(f"{name} {counted:,}/{sent:,} {verdict}")
+        return all(s == c for s, c in self.delivered.values()), "; ".join(lines)
+
+    def run(self) -> None:
+        long_lived = [s for s in self.scenarios if s not in FRESH]
+        servers: dict[str, Server] = {}
+        try:
+            if long_lived:
+                for target in self.targets:
+                    servers[target.name] = server = self.server(target, "load")
+                    progress(f"{target.name}: {server.loop} on port {server.port}, warming up")
+                    self.clients.load(server, sessions=50, messages=self.sizes.warmup, size=1024)
+            for round_no in range(1, self.rounds + 1):
+                for scenario in self.scenarios:
+                    for target in self.targets:  # A B A B ...: every server in every round
+                        self.one(scenario, target, round_no, servers.get(target.name))
+        finally:
+            for server in servers.values():
+                self.stop(server)
+
+    def one(self, scenario: str, target: Target, round_no: int, server: Server | None) -> None:
+        fresh = server is None or scenario in FRESH
+        if fresh:
+            server = self.server(target, f"{scenario}-{round_no}")
+        assert server is not None
+        try:
+            values = measure(scenario, server, self.clients, self.sizes)
+        finally:
+            if fresh:
+                self.stop(server)
+        for metric, value in values.items():
+            self.results[scenario][metric].setdefault(target.name, []).append(value)
+        shown = ", ".join(
+            f"{r.metric}={r.fmt.format(values[r.metric])}"
+            for r in ROWS
+            if r.scenario == scenario and r.metric in values
+        )
+        progress(f"[round {round_no}] {scenario:9} {target.name:17} {shown}")
+
+    def median(self, row: Row, target: str) -> float | None:
+        values = self.results.get(row.scenario, {}).get(row.metric, {}).get(target)
+        return statistics.median(values) if values else None
+
+
+def markdown_table(bench: Bench) -> str:
+    names = [t.name for t in bench.targets]
+    header = ["metric (median)"] + [
+        t.label
+        + (f" ({bench.loops[t.name]})" if "--loop" in t.label and t.name in bench.loops else "")
+        for t in bench.targets
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in ROWS:
+        if row.scenario not in bench.scenarios:
+            continue
+        base = bench.median(row, BASELINE) if BASELINE in names else None
+        cells = [row.label + (" ↑" if row.higher_is_better else " ↓")]
+        for name in names:
+            value = bench.median(row, name)
+            if value is None:
+                cells.append("-")
+                continue
+            cell = row.fmt.format(value)
+            if base and name != BASELINE:
+                cell += f" (x{value / base:.2f})"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def describe(bench: Bench, elapsed: float) -> str:
+    versions = [f"Python {platform.python_version()}"]
+    for package in ("anyio", "uvloop", "trio", "aiosmtpd"):
+        try:
+            versions.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    c = bench.clients
+    sizes = bench.sizes
+    return "\n".join(
+        [
+            f"minismtp {commit or '?'}; {', '.join(versions)}; {os.cpu_count()} CPUs "
+            f"({cpu_model()}); {bench.rounds} round(s), medians; run took {elapsed:.0f} s.",
+            f"Clients: {c.which()} for plain 1 KB and 10 MB, client.py ({c.procs} processes, "
+            f"uvloop) for PIPELINING, dot-stuffed, latency and idle connections. Per run: "
+            f"{sizes.small:,} x 1 KB, {sizes.big} x 10 MB, {sizes.latency:,} sequential, "
+            f"{sizes.idle:,} idle connections. Ratios: minismtp / aiosmtpd in the same run "
+            f"(↑ higher is better, ↓ lower is better).",
+        ]
+    )
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+# --- profiling -----------------------------------------------------------------------------
+
+LAYERS = (  # (name, path fragments); a sample goes to the innermost frame that matches one
+    ("engine (protocol.py, paths.py)", ("minismtp/protocol.py", "minismtp/paths.py")),
+    ("transport (server.py)", ("minismtp/server.py", "minismtp/proxy.py")),
+    ("App: router, hooks, channel (app.py)", ("minismtp/app.py",)),
+    ("values (types.py, events.py, attrs)", ("minismtp/types.py", "minismtp/events.py", "attrs")),
+    ("Received:, ids (received.py, ids.py)", ("minismtp/received.py", "minismtp/ids.py")),
+    ("contrib middleware", ("contrib/",)),
+    ("bench consumer", ("tests/bench/", "minismtp_app.py", "aiosmtpd_server.py")),
+    ("aiosmtpd", ("aiosmtpd/",)),
+    ("email package", ("email/",)),
+    ("anyio", ("anyio/",)),
+    ("trio", ("trio/", "outcome/", "sniffio/")),
+    ("asyncio / uvloop", ("asyncio/", "uvloop/", "selectors.py")),
+    ("logging", ("logging/",)),
+)
+
+
+def frame_file(frame: str) -> str:
+    # py-spy's raw format: "function (path/to/file.py:line)"
+    inside = frame[frame.rfind("(") + 1 : -1] if frame.endswith(")") else frame
+    return inside.rpartition(":")[0] or inside
+
+
+def layer_of(stack: Sequence[str]) -> str:
+    for frame in reversed(stack):
+        path = frame_file(frame)
+        for name, fragments in LAYERS:
+            if any(f in path for f in fragments):
+                return name
+    return "other"
+
+
+def summarize_profile(raw: Path, cpu_us_per_msg: float | None, top: int = 12) -> str:
+    by_layer: Counter[str] = Counter()
+    by_function: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack_text, _, count_text = line.rpartition(" ")
+        if not stack_text:
+            continue
+        count = int(count_text)
+        stack = stack_text.split(";")
+        total += count
+        by_layer[layer_of(stack)] += count
+        by_function[stack[-1]] += count
+    if not total:
+        return "no samples"
+    per_msg = cpu_us_per_msg or 0.0
+    out = [f"{total} samples; self time by layer (innermost matching frame):", ""]
+    out += ["| layer | share | ≈ µs/msg |", "|---|---|---|"]
+    for name, count in by_layer.most_common():
+        us = f"{count / total * per_msg:.1f}" if per_msg else "-"
+        out.append(f"| {name} | {count / total:.1%} | {us} |")
+    out += ["", f"top {top} functions by self time:", ""]
+    out += [f"- {count / total:5.1%}  {frame}" for frame, count in by_function.most_common(top)]
+    return "\n".join(out)
+
+
+def profile(bench: Bench, rate: int) -> str:
+    """py-spy record each server through one 1 KB run (outside the measured rounds)."""
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(pyspy).exists():
+        return "py-spy not found: `pip install py-spy`"
+    sections = []
+    for target in bench.targets:
+        if target.name == "smtp-sink":
+            continue
+        server = bench.server(target, "profile")
+        raw = bench.workdir / f"{target.name}-1k.raw"
+        try:
+            bench.clients.load(server, sessions=50, messages=bench.sizes.warmup, size=1024)
+            spy = subprocess.Popen(
+                [
+                    pyspy,
+                    "record",
+                    "--format",
+                    "raw",
+                    "-r",
+                    str(rate),
+                    "-o",
+                    str(raw),
+                    "-p",
+                    str(server.pid),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            time.sleep(1.0)  # py-spy attaches
+            bench.clients.load(server, sessions=50, messages=bench.sizes.small, size=1024)
+            spy.send_signal(signal.SIGINT)
+            err = spy.communicate(timeout=60)[1].decode(errors="replace")
+        finally:
+            bench.stop(server)
+        cpu = bench.median(ROWS[1], target.name)
+        if not raw.exists():
+            sections.append(f"### {target.label}\n\npy-spy failed: {err.strip()[-500:]}")
+            continue
+        summary = summarize_profile(raw, cpu)
+        sections.append(f"### {target.label} — 1 KB, 50 sessions (py-spy, {raw})\n\n{summary}")
+        progress(f"profiled {target.name}: {raw}")
+    return "\n\n".join(sections)
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def find_smtp_source() -> str | None:
+    try:
+        done = subprocess.run(
+            ["sh", str(HERE / "get_smtp_source.sh")], capture_output=True, text=True, timeout=300
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    path = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    return path if done.returncode == 0 and Path(path).exists() else None
+
+
+def csv(value: str) -> list[str]:
+    return [v for v in value.split(",") if v]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--targets",
+        type=csv,
+        default=list(DEFAULT_TARGETS),
+        help="comma-separated servers: aiosmtpd, minismtp-auto, minismtp-asyncio, "
+        "minismtp-uvloop, minismtp-trio, aiosmtpd-uvloop, smtp-sink (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--scenarios",
+        type=csv,
+        default=list(SCENARIOS),
+        help=f"comma-separated subset of {', '.join(SCENARIOS)} (default: all)",
+    )
+    parser.add_argument("--quick", action="store_true", help="small counts, one round")
+    parser.add_argument("--rounds", type=int, help="rounds (default: 3, or 1 with --quick)")
+    parser.add_argument(
+        "--client",
+        choices=["auto", "python"],
+        default="auto",
+        help="auto: smtp-source where it can do the job; python: client.py for everything",
+    )
+    parser.add_argument("--procs", type=int, default=2, help="client.py processes (default: 2)")
+    parser.add_argument("--profile", action="store_true", help="py-spy each server's 1 KB run")
+    parser.add_argument("--profile-rate", type=int, default=250, help="py-spy samples/s")
+    parser.add_argument("--json", type=Path, help="also write every measured value here")
+    parser.add_argument("--workdir", type=Path, help="server logs and profiles (default: temp)")
+    args = parser.parse_args(argv)
+
+    smtp_source = find_smtp_source()
+    if smtp_source is None:
+        progress("smtp-source unavailable: client.py drives every scenario")
+    smtp_sink = str(Path(smtp_source).with_name("smtp-sink")) if smtp_source else None
+    available = all_targets(smtp_sink)
+    unknown = [t for t in args.targets if t not in available] + [
+        s for s in args.scenarios if s not in SCENARIOS
+    ]
+    if unknown:
+        parser.error(f"unknown: {', '.join(unknown)}")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="minismtp-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    bench = Bench(
+        targets=[available[t] for t in args.targets],
+        scenarios=[s for s in SCENARIOS if s in args.scenarios],
+        clients=Clients(smtp_source if args.client == "auto" else None, args.procs),
+        sizes=Sizes.quick() if args.quick else Sizes(),
+        rounds=args.rounds or (1 if args.quick else 3),
+        workdir=workdir,
+    )
+    progress(f"logs in {workdir}")
+    started = time.monotonic()
+    bench.run()
+    profiles = profile(bench, args.profile_rate) if args.profile else ""
+    elapsed = time.monotonic() - started
+
+    print(markdown_table(bench))
+    print()
+    print(describe(bench, elapsed))
+    delivered_ok, delivery = bench.delivery_check()
+    if delivery:
+        print(f"Messages counted by each server's consumer / accepted by the clients: {delivery}.")
+    if profiles:
+        print("\n## Profiles\n")
+        print(profiles)
+    if args.json:
+        args.json.write_text(json.dumps({"results": bench.results, "loops": bench.loops}, indent=1))
+    return 0 if delivered_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
