@@ -37,7 +37,8 @@ class ConnectionLimit:
 
     The rate is a token bucket: a client may open ``per_ip_per_minute`` connections in a
     burst, then one every ``60 / per_ip_per_minute`` seconds. Every attempt counts, refused
-    ones included, so a client hammering the port stays refused until it slows down.
+    ones included (down to a minute's worth of debt), so a client hammering the port faster
+    than that stays refused; after two quiet minutes at most it is served again.
 
     Memory: concurrent counts exist only for clients with an open connection; rate buckets
     are kept for at most ``max_clients`` clients, the least recently seen forgotten first
@@ -72,6 +73,11 @@ class ConnectionLimit:
         """Connections counted for the client at ``host`` (its /64 for IPv6) right now."""
         return self._open.get(client_key(host), 0)
 
+    @property
+    def tracked_clients(self) -> int:
+        """Clients with a rate bucket (at most ``max_clients``)."""
+        return len(self._buckets)
+
     async def __call__(self, event: Event) -> Reply:
         if isinstance(event, Connect):
             key = client_key(event.session.peer_host)
@@ -100,12 +106,11 @@ class ConnectionLimit:
             self._buckets[key] = _Bucket(capacity - 1, now)
             return True
         refill = (now - bucket.updated) * capacity / 60.0
-        bucket.tokens = min(capacity, bucket.tokens + refill)
         bucket.updated = now
-        if bucket.tokens < 1:
-            return False
-        bucket.tokens -= 1
-        return True
+        tokens = min(capacity, bucket.tokens + refill)
+        # A refused attempt costs a token too, down to a minute's worth of debt.
+        bucket.tokens = max(tokens - 1, -capacity)
+        return tokens >= 1
 
     def _release(self, key: str) -> None:
         count = self._open.get(key, 0) - 1
