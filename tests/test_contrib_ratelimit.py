@@ -36,7 +36,7 @@ def limited_app(**options: Any) -> tuple[App, list[ConnectionLimit]]:
     app = App(hostname="mx.test")
     made: list[ConnectionLimit] = []
 
-    def factory(inner: Handler, **kwargs: Any) -> ConnectionLimit:
+    def factory(inner: Handler, /, **kwargs: Any) -> ConnectionLimit:
         made.append(ConnectionLimit(inner, **kwargs))
         return made[-1]
 

@@ -23,8 +23,8 @@ LIMIT = 10_000
 MiB = 1024 * 1024
 
 
-def limited_app(max_bytes: int = LIMIT, **app_options: int) -> App:
-    app = App(hostname="mx.example.com", **app_options)
+def limited_app(max_bytes: int = LIMIT, max_size: int | None = None) -> App:
+    app = App(hostname="mx.example.com", max_size=max_size)
     app.add_middleware(MessageSizeLimit, max_bytes=max_bytes)
     return app
 
