@@ -43,6 +43,8 @@ class MessageSizeLimit:
             raise ValueError("max_bytes must be at least 1")
         self.app = app
         self.max_bytes = max_bytes
+        # EHLO replies are a handful of constants (with and without STARTTLS): adjust each once.
+        self._ehlo_replies: dict[tuple[Reply, tuple[str, ...]], Reply] = {}
 
     async def __call__(self, event: Event) -> Reply:
         if isinstance(event, Mail):
@@ -56,12 +58,21 @@ class MessageSizeLimit:
             reply = await self.app(event)
             if not reply.is_success:
                 return reply
-            server_limit = _advertised_size(event.keywords)
-            limit = self.max_bytes if server_limit is None else min(server_limit, self.max_bytes)
-            advertised = _advertised_size(reply.lines[1:])
-            if advertised is not None and advertised <= limit:
-                return reply  # a smaller limit further in the stack said so already
-            return reply.with_extension("SIZE", str(limit))
+            key = (reply, event.keywords)
+            adjusted = self._ehlo_replies.get(key)
+            if adjusted is None:
+                adjusted = self._advertise(reply, event.keywords)
+                if len(self._ehlo_replies) < 16:
+                    self._ehlo_replies[key] = adjusted
+            return adjusted
         if isinstance(event, Data) and len(event.data) > self.max_bytes:
             return TOO_BIG
         return await self.app(event)
+
+    def _advertise(self, reply: Reply, keywords: tuple[str, ...]) -> Reply:
+        server_limit = _advertised_size(keywords)
+        limit = self.max_bytes if server_limit is None else min(server_limit, self.max_bytes)
+        advertised = _advertised_size(reply.lines[1:])
+        if advertised is not None and advertised <= limit:
+            return reply  # a smaller limit further in the stack said so already
+        return reply.with_extension("SIZE", str(limit))

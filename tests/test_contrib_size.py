@@ -51,6 +51,17 @@ async def test_ehlo_advertises_the_limit_instead_of_the_servers_rfc1870_4() -> N
     assert "PIPELINING" in reply.lines  # the other keywords stay
 
 
+async def test_ehlo_before_and_after_starttls_both_advertise_the_limit_rfc3207_4_2() -> None:
+    app = limited_app()
+    async with TestClient(app, tls=True) as client:
+        before = await client.ehlo()
+        assert "STARTTLS" in before.lines and size_lines(before) == [f"SIZE {LIMIT}"]
+        assert (await client.starttls()).code == 220
+        after = await client.ehlo()
+        assert "STARTTLS" not in after.lines and size_lines(after) == [f"SIZE {LIMIT}"]
+        assert await client.ehlo() == after
+
+
 async def test_helo_reply_is_left_alone_rfc5321_4_1_1_1() -> None:
     async with TestClient(limited_app()) as client:
         assert await client.helo("client.example.org") == Reply(250, None, "mx.example.com")
