@@ -5,6 +5,8 @@ consumer that counts what arrives. Served by the benchmark with
 
     minismtp run tests.bench.minismtp_app:app --port 0 --loop auto|asyncio|uvloop|trio
 
+``bare`` is the same App without the middleware: the difference is what they cost.
+
 On exit the process prints ``minismtp received N messages, B bytes`` on stderr, which the
 benchmark checks against what its client sent.
 """
@@ -17,6 +19,7 @@ import sys
 from minismtp import App, Message
 
 app = App(hostname="mx.example.com")
+bare = App(hostname="mx.example.com")
 
 try:
     from minismtp.contrib.domains import RecipientDomainFilter  # type: ignore[import-not-found, unused-ignore]
@@ -35,6 +38,7 @@ received = [0, 0]  # messages, bytes
 
 
 @app.on_message
+@bare.on_message
 async def count(message: Message) -> None:
     received[0] += 1
     received[1] += len(message.original)

@@ -64,48 +64,23 @@ def minismtp_command() -> list[str]:
 
 
 def all_targets(smtp_sink: str | None, minismtp_args: Sequence[str] = ()) -> dict[str, Target]:
-    app = "tests.bench.minismtp_app:app"
+    aiosmtpd = (sys.executable, "-m", "tests.bench.aiosmtpd_server", "--port", "0")
     targets = [
-        Target(
-            "aiosmtpd",
-            "aiosmtpd 1.4.6 (asyncio)",
-            (sys.executable, "-m", "tests.bench.aiosmtpd_server", "--port", "0"),
-        ),
+        Target("aiosmtpd", "aiosmtpd 1.4.6 (asyncio)", aiosmtpd),
+        Target("aiosmtpd-uvloop", "aiosmtpd 1.4.6 (uvloop)", (*aiosmtpd, "--loop", "uvloop")),
     ]
+
+    def minismtp(name: str, label: str, app: str, loop: str) -> Target:
+        options = ("--port", "0", "--loop", loop, "--max-connections", "4096", *minismtp_args)
+        return Target(name, label, (*minismtp_command(), "run", app, *options))
+
     for loop in ("auto", "asyncio", "uvloop", "trio"):
-        targets.append(
-            Target(
-                f"minismtp-{loop}",
-                f"minismtp --loop {loop}",
-                (
-                    *minismtp_command(),
-                    "run",
-                    app,
-                    "--port",
-                    "0",
-                    "--loop",
-                    loop,
-                    "--max-connections",
-                    "4096",
-                    *minismtp_args,
-                ),
-            )
-        )
-    targets.append(
-        Target(
-            "aiosmtpd-uvloop",
-            "aiosmtpd 1.4.6 (uvloop)",
-            (
-                sys.executable,
-                "-m",
-                "tests.bench.aiosmtpd_server",
-                "--port",
-                "0",
-                "--loop",
-                "uvloop",
-            ),
-        )
-    )
+        label = f"minismtp --loop {loop}"
+        targets.append(minismtp(f"minismtp-{loop}", label, "tests.bench.minismtp_app:app", loop))
+    for loop in ("auto", "asyncio", "trio"):  # the same App without its two middleware
+        label = f"minismtp, no middleware, --loop {loop}"
+        app = "tests.bench.minismtp_app:bare"
+        targets.append(minismtp(f"minismtp-bare-{loop}", label, app, loop))
     if smtp_sink is not None:  # Postfix's C sink: a reference point, not a contender
         targets.append(
             Target(
@@ -704,8 +679,9 @@ def main(argv: list[str] | None = None) -> int:
         "--targets",
         type=csv,
         default=list(DEFAULT_TARGETS),
-        help="comma-separated servers: aiosmtpd, minismtp-auto, minismtp-asyncio, "
-        "minismtp-uvloop, minismtp-trio, aiosmtpd-uvloop, smtp-sink (default: %(default)s)",
+        help="comma-separated servers: aiosmtpd, minismtp-{auto,asyncio,uvloop,trio}, "
+        "minismtp-bare-{auto,asyncio,trio} (the App without middleware), aiosmtpd-uvloop, "
+        "smtp-sink (default: %(default)s)",
     )
     parser.add_argument(
         "--scenarios",
