@@ -400,6 +400,17 @@ def measure(scenario: str, server: Server, clients: Clients, sizes: Sizes) -> di
     raise ValueError(scenario)
 
 
+@contextmanager
+def blame(server: Server) -> Iterator[None]:
+    """A failing client usually means a failing server: say what the server said."""
+    try:
+        yield
+    except ClientFailed as exc:
+        raise ClientFailed(
+            f"{exc}\n--- {server.target.name} ({server.log_path}):\n{server.log_tail()}"
+        ) from None
+
+
 # --- the run -------------------------------------------------------------------------------
 
 Results = dict[str, dict[str, dict[str, list[float]]]]  # scenario -> metric -> target -> values
@@ -450,7 +461,10 @@ class Bench:
                 for target in self.targets:
                     servers[target.name] = server = self.server(target, "load")
                     progress(f"{target.name}: {server.loop} on port {server.port}, warming up")
-                    self.clients.load(server, sessions=50, messages=self.sizes.warmup, size=1024)
+                    with blame(server):
+                        self.clients.load(
+                            server, sessions=50, messages=self.sizes.warmup, size=1024
+                        )
             for round_no in range(1, self.rounds + 1):
                 for scenario in self.scenarios:
                     for target in self.targets:  # A B A B ...: every server in every round
@@ -465,7 +479,8 @@ class Bench:
             server = self.server(target, f"{scenario}-{round_no}")
         assert server is not None
         try:
-            values = measure(scenario, server, self.clients, self.sizes)
+            with blame(server):
+                values = measure(scenario, server, self.clients, self.sizes)
         finally:
             if fresh:
                 self.stop(server)
@@ -732,7 +747,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     progress(f"logs in {workdir}")
     started = time.monotonic()
-    bench.run()
+    try:
+        bench.run()
+    except (ServerFailed, ClientFailed) as exc:
+        progress(f"benchmark failed: {exc}")
+        return 2
     profiles = profile(bench, args.profile_rate) if args.profile else ""
     elapsed = time.monotonic() - started
 
