@@ -1,0 +1,181 @@
+"""Every example in examples/ runs, through real SMTP dialogues.
+
+- hello and custom_middleware: served on port 0 on each anyio backend, driven by smtplib;
+- mx: served as its docstring says, ``minismtp run examples.mx:app`` in a subprocess;
+- test_hooks_example: run by pytest, as a user runs it.
+
+``minismtp_run`` (a ``minismtp run`` subprocess on a free port) is shared with test_docs.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import smtplib
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import anyio
+import attrs
+import pytest
+
+from minismtp import App
+from minismtp.server import ServerConfig, serve
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = b"From: a@example.org\r\nSubject: hello\r\n\r\nHello, example.com.\r\n"
+HOOKS_EXAMPLE = "examples/test_hooks_example.py"
+_LISTENING = re.compile(r"minismtp listening on 127\.0\.0\.1:(\d+) \(")
+
+
+def project_env(**extra: str) -> dict[str, str]:
+    """The environment of a subprocess: this one, with the project root importable."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+@attrs.define
+class RunningCli:
+    """A ``minismtp run`` subprocess; after the ``with`` block, what it said and its status."""
+
+    process: subprocess.Popen[str]
+    port: int
+    stdout: str = ""
+    stderr: str = ""
+    returncode: int | None = None
+
+
+@contextmanager
+def minismtp_run(*args: str, cwd: Path, **env: str) -> Iterator[RunningCli]:
+    """``minismtp run *args --port 0`` in ``cwd`` until the block ends, then SIGTERM.
+
+    The port is read from the line the command prints once it listens.
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-m", "minismtp", "run", *args, "--port", "0"],
+        cwd=cwd,
+        env=project_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], 30)
+    match = _LISTENING.match(process.stdout.readline() if ready else "")
+    if match is None:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"minismtp run did not start:\n{out}\n{err}")
+    running = RunningCli(process, int(match[1]))
+    try:
+        yield running
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            running.stdout, running.stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            running.stdout, running.stderr = process.communicate()
+        running.returncode = process.returncode
+
+
+# -- hello and custom_middleware over a real socket --------------------------------------------
+
+
+async def sendmail(
+    app: App, sender: str, recipients: list[str]
+) -> tuple[dict[str, tuple[int, bytes]], bool]:
+    """smtplib's sendmail against ``app`` served on port 0: the recipients it refused, and
+    whether the message went through (smtplib raises SMTPRecipientsRefused when none did)."""
+    config = ServerConfig(shutdown_grace=1.0)
+    async with serve(app, "127.0.0.1", 0, config=config) as server:
+
+        def send() -> tuple[dict[str, tuple[int, bytes]], bool]:
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+                try:
+                    return client.sendmail(sender, recipients, BODY), True
+                except smtplib.SMTPRecipientsRefused as refused:
+                    return refused.recipients, False
+
+        return await anyio.to_thread.run_sync(send)
+
+
+@pytest.mark.anyio
+async def test_hello_accepts_example_com_refuses_others_rfc5321_3_3(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from examples.hello import app
+
+    refused = await sendmail(app, "a@example.org", ["b@example.com", "c@elsewhere.org"])
+    assert refused == ({"c@elsewhere.org": (550, b"5.7.1 Relay access denied")}, True)
+    # on_message printed the message once the server had stopped (the channel is drained).
+    (line,) = capsys.readouterr().out.splitlines()
+    message_id, sender, *_ = line.split()
+    assert sender == "a@example.org" and re.fullmatch(r"[0-9A-Z]+", message_id)
+
+
+@pytest.mark.anyio
+async def test_hello_refusing_every_recipient_reaches_smtplib_rfc5321_4_2_2() -> None:
+    from examples.hello import app
+
+    refused = await sendmail(app, "a@example.org", ["c@elsewhere.org"])
+    assert refused == ({"c@elsewhere.org": (550, b"5.7.1 Relay access denied")}, False)
+
+
+@pytest.mark.anyio
+async def test_custom_middleware_refuses_denied_recipients_before_the_hooks(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from examples.custom_middleware import app
+
+    recipients = ["Former-Employee@Example.COM", "b@example.com", "c@elsewhere.org"]
+    refused, delivered = await sendmail(app, "a@example.org", recipients)
+    assert delivered and refused == {
+        "Former-Employee@Example.COM": (550, b"5.1.1 Mailbox unavailable"),
+        "c@elsewhere.org": (550, b"5.7.1 Relay access denied"),
+    }
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.endswith(" a@example.org ['b@example.com']")
+
+
+# -- mx through the command line -------------------------------------------------------------
+
+
+def test_mx_served_by_minismtp_run_refuses_relay_and_greylists(tmp_path: Path) -> None:
+    """As examples/mx.py's docstring runs it: ``MX_MAILDIR=... minismtp run examples.mx:app``."""
+    inbound = tmp_path / "inbound"
+    with minismtp_run("examples.mx:app", cwd=tmp_path, MX_MAILDIR=str(inbound)) as running:
+        with smtplib.SMTP("127.0.0.1", running.port, timeout=10) as client:
+            code, ehlo = client.ehlo("client.example.org")
+            assert code == 250 and b"SIZE 26214400" in ehlo.splitlines()
+            with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+                client.sendmail("a@example.org", ["b@example.com", "c@other.org"], BODY)
+    assert refused.value.recipients == {
+        "b@example.com": (451, b"4.7.1 Greylisted, try again later"),
+        "c@other.org": (550, b"5.7.1 Relay access denied"),
+    }
+    assert running.returncode == 0, running.stderr
+    assert (inbound / "new").is_dir() and not any((inbound / "new").iterdir())
+
+
+# -- the hook-testing example ----------------------------------------------------------------
+
+
+def test_hooks_example_passes_under_pytest() -> None:
+    """examples/test_hooks_example.py, run the way its docstring says."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", HOOKS_EXAMPLE],
+        cwd=ROOT,
+        env=project_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"\b[1-9]\d* passed\b", result.stdout), result.stdout
