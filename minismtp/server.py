@@ -53,10 +53,6 @@ SHUTTING_DOWN = Reply(421, "4.3.2", "Server shutting down, closing connection")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 TALKED_FIRST = Reply(554, "5.5.1", "Protocol error: talked before greeting")
 
-# After the grace period and the 421s, how long connections get to finish before they are
-# cancelled outright (a client that stopped reading, an App call that hangs).
-_HARD_STOP_AFTER = 5.0
-
 
 class ServableApp(Protocol):
     """What the server needs of an App (:class:`minismtp.app.App` is one)."""
@@ -81,6 +77,9 @@ class ServerConfig:
     max_session_duration: float | None = 3600.0
     max_connections: int = 1000
     shutdown_grace: float = 30.0  # seconds a transaction in progress gets to finish
+    # After the grace period and the 421s, how long sessions get to end before they are
+    # cancelled outright (a client that stopped reading, an App call that hangs).
+    shutdown_cancel_after: float = 5.0
     read_size: int = 64 * 1024
 
 
@@ -153,7 +152,7 @@ class Server:
             if not await self._wait_closed(grace):
                 log.info("closing %d connection(s) still busy after %g s", self._active, grace)
                 self.abort()
-                if not await self._wait_closed(_HARD_STOP_AFTER):
+                if not await self._wait_closed(self.config.shutdown_cancel_after):
                     for connection in list(self._connections):
                         connection.cancel_scope.cancel()
                     await self._wait_closed(None)
