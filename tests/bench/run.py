@@ -13,6 +13,7 @@ table. See tests/bench/README.md for what each figure means.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib.metadata
 import json
 import os
@@ -524,7 +525,7 @@ def markdown_table(bench: Bench) -> str:
     return "\n".join(lines)
 
 
-def describe(bench: Bench, elapsed: float) -> str:
+def describe(bench: Bench, elapsed: float, load: float) -> str:
     versions = [f"Python {platform.python_version()}"]
     for package in ("anyio", "uvloop", "trio", "aiosmtpd"):
         try:
@@ -539,7 +540,8 @@ def describe(bench: Bench, elapsed: float) -> str:
     return "\n".join(
         [
             f"minismtp {commit or '?'}; {', '.join(versions)}; {os.cpu_count()} CPUs "
-            f"({cpu_model()}); {bench.rounds} round(s), medians; run took {elapsed:.0f} s.",
+            f"({cpu_model()}), load average {load:.2f} at the start; {bench.rounds} round(s), "
+            f"medians; run took {elapsed:.0f} s.",
             f"Clients: {c.which()} for plain 1 KB and 10 MB, client.py ({c.procs} processes, "
             f"uvloop) for PIPELINING, dot-stuffed, latency and idle connections. Per run: "
             f"{sizes.small:,} x 1 KB, {sizes.big} x 10 MB, {sizes.latency:,} sequential, "
@@ -673,6 +675,21 @@ def profile(bench: Bench, rate: int) -> str:
 # --- command line --------------------------------------------------------------------------
 
 
+LOCK = Path(tempfile.gettempdir()) / "minismtp-bench.lock"
+
+
+@contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """One benchmark at a time on this machine: two would share the cores and both be wrong."""
+    with path.open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"waiting for another benchmark run to finish ({path})")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def find_smtp_source() -> str | None:
     try:
         done = subprocess.run(
@@ -746,6 +763,14 @@ def main(argv: list[str] | None = None) -> int:
         workdir=workdir,
     )
     progress(f"logs in {workdir}")
+    with exclusive(LOCK):
+        load = os.getloadavg()[0]
+        if load > 0.5:
+            progress(f"warning: load average {load:.2f} before the start; figures will be low")
+        return run_and_report(bench, args, load)
+
+
+def run_and_report(bench: Bench, args: argparse.Namespace, load: float) -> int:
     started = time.monotonic()
     try:
         bench.run()
@@ -757,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(markdown_table(bench))
     print()
-    print(describe(bench, elapsed))
+    print(describe(bench, elapsed, load))
     delivered_ok, delivery = bench.delivery_check()
     if delivery:
         print(f"Messages counted by each server's consumer / accepted by the clients: {delivery}.")
