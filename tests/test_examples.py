@@ -85,6 +85,13 @@ def minismtp_run(*args: str, cwd: Path, **env: str) -> Iterator[RunningCli]:
         running.returncode = process.returncode
 
 
+def test_every_example_is_run_here() -> None:
+    """A new example needs a test in this file: this list is what the tests below cover."""
+    covered = {"__init__.py", "hello.py", "custom_middleware.py", "mx.py", HOOKS_EXAMPLE}
+    present = {path.name for path in (ROOT / "examples").glob("*.py")}
+    assert present == {Path(name).name for name in covered}
+
+
 # -- hello and custom_middleware over a real socket --------------------------------------------
 
 
