@@ -100,6 +100,7 @@ class Server:
     _stopped: anyio.Event = attrs.field(factory=anyio.Event)
     _idle: anyio.Event | None = None
     _accepting: anyio.CancelScope | None = None
+    _clock: anyio.CancelScope | None = None
 
     @property
     def port(self) -> int:
@@ -148,21 +149,24 @@ class Server:
                 for listener, _ in self._listeners:
                     await listener.aclose()
             for connection in list(self._connections):
-                connection.close_unless_in_transaction(SHUTTING_DOWN)
+                if not connection.engine.in_transaction:
+                    connection.interrupt(SHUTTING_DOWN)
             if not await self._wait_closed(grace):
                 log.info("closing %d connection(s) still busy after %g s", self._active, grace)
                 self.abort()
                 if not await self._wait_closed(self.config.shutdown_cancel_after):
                     for connection in list(self._connections):
-                        connection.cancel_scope.cancel()
+                        connection.cancel()
                     await self._wait_closed(None)
         finally:
+            if self._clock is not None:
+                self._clock.cancel()
             self._stopped.set()
 
     def abort(self) -> None:
         """Answer ``421 4.3.2`` to every session now, in a transaction or not."""
         for connection in list(self._connections):
-            connection.close_soon(SHUTTING_DOWN)
+            connection.interrupt(SHUTTING_DOWN)
 
     async def _wait_closed(self, within: float | None) -> bool:
         with anyio.move_on_after(within):
@@ -171,6 +175,30 @@ class Server:
                 await self._idle.wait()
             return True
         return False
+
+    # -- the clock --------------------------------------------------------------------------
+
+    async def _watch_clocks(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Time out the sessions whose read or write has taken too long.
+
+        One task looks at every session's deadline a few times per timeout, instead of a
+        cancel scope around every read and write: a scope costs several microseconds on each
+        of them, a deadline kept as a float costs nothing, and a timeout that fires a tenth
+        of its length late is still the same timeout.
+        """
+        config = self.config
+        period = config.idle_timeout
+        if config.max_session_duration is not None:
+            period = min(period, config.max_session_duration)
+        period = max(0.01, min(1.0, period / 10))
+        with anyio.CancelScope() as self._clock:
+            task_status.started()
+            while True:
+                await anyio.sleep(period)
+                now = anyio.current_time()
+                for connection in list(self._connections):
+                    if connection.deadline <= now:
+                        connection.time_out()
 
     # -- accepting ------------------------------------------------------------------------
 
@@ -231,6 +259,8 @@ class Server:
         try:
             with connection.cancel_scope:
                 await connection.run(implicit_tls)
+            if connection.cancel_scope.cancelled_caught:
+                await connection.say_goodbye()
         except Exception:
             # A bug in one session must not take the server down with it.
             log.exception("session %s from %s failed", session.id, session.peer_host)
@@ -242,16 +272,27 @@ class Server:
                 self._idle.set()
 
 
+_NEVER = float("inf")
+
+
 @attrs.define(eq=False)
 class _Connection:
-    """One client connection: the driving loop of the engine, with its clocks."""
+    """One client connection: the driving loop of the engine, with its clocks.
+
+    The task waits in one of three ways: for the client's bytes (``_reading``), for a write
+    to go out, or for the App. ``deadline`` is when the read or the write must be over;
+    the server's clock calls :meth:`time_out` past it. The App is given all the time it
+    takes (until a shutdown runs out of patience).
+    """
 
     server: Server
     stream: ByteStream
     engine: Engine
     cancel_scope: anyio.CancelScope = attrs.field(factory=anyio.CancelScope)
-    _read_scope: anyio.CancelScope | None = None
-    _closing: Reply | None = None  # set by the server: close with this at the next read
+    deadline: float = _NEVER
+    _reading: bool = False
+    _timeout_reply: Reply = IDLE_TIMEOUT  # what a read that times out is answered
+    _closing: Reply | None = None  # why the session is being ended from our side
     _session_deadline: float = attrs.field(init=False)
     _receiving: bool = False  # inside DATA/BDAT content at the last read
     _data_credit: float = 0.0  # seconds the content may still take (the data-rate deadline)
@@ -259,18 +300,46 @@ class _Connection:
 
     def __attrs_post_init__(self) -> None:
         cap = self.server.config.max_session_duration
-        self._session_deadline = anyio.current_time() + cap if cap is not None else float("inf")
+        self._session_deadline = anyio.current_time() + cap if cap is not None else _NEVER
 
-    def close_soon(self, reply: Reply) -> None:
-        """Close with ``reply`` instead of waiting for the client's next bytes."""
+    def interrupt(self, reply: Reply) -> None:
+        """End the session with ``reply``: now if it waits for the client, else at its next
+        read (an App call or a write in progress is let finish)."""
         self._closing = reply
-        if self._read_scope is not None:
-            self._read_scope.cancel()
+        if self._reading:
+            self.cancel_scope.cancel()
 
-    def close_unless_in_transaction(self, reply: Reply) -> None:
-        # A session inside a transaction is let finish it: the loop closes it after.
-        if not self.engine.in_transaction:
-            self.close_soon(reply)
+    def cancel(self) -> None:
+        """End the session at once, whatever it is doing, without a last reply."""
+        self._closing = None
+        self.cancel_scope.cancel()
+
+    def time_out(self) -> None:
+        self.deadline = _NEVER
+        if self._reading:
+            self.interrupt(self._timeout_reply)
+        else:
+            # A write that does not go out: the client stopped reading, no reply would reach it.
+            session = self.engine.session
+            log.info("session %s from %s stopped reading", session.id, session.peer_host)
+            self.cancel()
+
+    async def say_goodbye(self) -> None:
+        """After an interruption: the last reply, if the client will take it."""
+        reply = self._closing
+        if reply is None:
+            return
+        if reply is not SHUTTING_DOWN:
+            session = self.engine.session
+            log.info("session %s from %s: %s", session.id, session.peer_host, reply)
+        self.engine.close(reply)
+        with (
+            anyio.move_on_after(1.0),
+            contextlib.suppress(
+                anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError
+            ),
+        ):
+            await self.stream.send(self.engine.data_to_send())
 
     async def run(self, implicit_tls: bool) -> None:
         engine = self.engine
@@ -315,14 +384,15 @@ class _Connection:
         out = self.engine.data_to_send()
         if out:
             # A client that does not read its replies must not hold the slot forever.
-            with anyio.move_on_after(self.server.config.idle_timeout) as scope:
+            self.deadline = anyio.current_time() + self.server.config.idle_timeout
+            try:
                 await self.stream.send(out)
-            if scope.cancelled_caught:
-                raise anyio.BrokenResourceError("client stopped reading")
+            finally:
+                self.deadline = _NEVER
 
     async def _receive(self) -> bytes | None:
         """The client's next bytes (``b""`` at its EOF), or None when the engine was closed
-        instead: a timeout, or the server shutting down."""
+        instead (the server is shutting down)."""
         engine = self.engine
         if self._closing is not None:
             engine.close(self._closing)
@@ -333,29 +403,22 @@ class _Connection:
             if not self._receiving:
                 self._receiving = True
                 self._data_credit = config.idle_timeout
-            timeout, reason = self._data_credit, DATA_TOO_SLOW
+            deadline, reply = started + self._data_credit, DATA_TOO_SLOW
         else:
             self._receiving = False
-            timeout, reason = config.idle_timeout, IDLE_TIMEOUT
-        deadline = started + timeout
+            deadline, reply = started + config.idle_timeout, IDLE_TIMEOUT
         if self._session_deadline < deadline:
-            deadline, reason = self._session_deadline, SESSION_TOO_LONG
-        data = b""
-        with anyio.CancelScope(deadline=deadline) as scope:
-            self._read_scope = scope
-            try:
-                data = await self.stream.receive(config.read_size)
-            except anyio.EndOfStream:
-                data = b""
-        self._read_scope = None
-        if scope.cancelled_caught:
-            reply = self._closing or reason
-            if reply is not SHUTTING_DOWN:
-                log.info(
-                    "session %s from %s: %s", engine.session.id, engine.session.peer_host, reply
-                )
-            engine.close(reply)
-            return None
+            deadline, reply = self._session_deadline, SESSION_TOO_LONG
+        self.deadline = deadline
+        self._timeout_reply = reply
+        self._reading = True
+        try:
+            data = await self.stream.receive(config.read_size)
+        except anyio.EndOfStream:
+            data = b""
+        finally:
+            self._reading = False
+            self.deadline = _NEVER
         if self._receiving:
             elapsed = anyio.current_time() - started
             credit = self._data_credit - elapsed + len(data) / config.min_data_rate
@@ -372,14 +435,15 @@ class _Connection:
         connection is closed; otherwise the greeting goes out and the session goes on.
         """
         with anyio.move_on_after(delay) as scope:
-            self._read_scope = scope
+            self._reading = True  # the server may interrupt the wait
             try:
                 data = await self.stream.receive(self.server.config.read_size)
             except anyio.EndOfStream:
                 data = b""
-        self._read_scope = None
+            finally:
+                self._reading = False
         if scope.cancelled_caught:
-            return  # quiet client (or the server stopping: the loop closes the session)
+            return  # a quiet client: the greeting goes out
         self.engine.data_to_send()  # the greeting is never sent
         session = self.engine.session
         if data:
@@ -478,6 +542,7 @@ async def serve(
             address = _ip_address(listener.extra(SocketAttribute.local_address))
             (server.tls_addresses if implicit_tls else server.addresses).append(address)
         async with app.serving(), anyio.create_task_group() as connections:
+            await connections.start(server._watch_clocks)
             await connections.start(server._accept_all, connections)
             try:
                 yield server
