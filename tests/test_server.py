@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import smtplib
 import socket
 from collections import Counter
@@ -270,6 +271,22 @@ async def test_session_duration_cap(app: App, connect: Connect) -> None:
             # Well within the idle timeout, but the session as a whole has lasted too long.
             assert (await client.reply()).startswith("421 4.4.2 Session time limit exceeded")
             assert await client.at_eof()
+
+
+async def test_a_client_that_stops_reading_loses_its_slot(
+    app: App, connect: Connect, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Replies the client never reads fill the buffers; the stalled write times out."""
+    caplog.set_level(logging.INFO, logger="minismtp")
+    config = ServerConfig(idle_timeout=0.3)
+    async with serve(app, "127.0.0.1", 0, config=config) as server, connect(server.port) as client:
+        await greeted(client)
+        await client.send(b"MAIL FROM:<a@example.com>\r\n")
+        flood = b"RCPT TO:<b@example.com>\r\n" * 40_000  # a duplicate: answered every time
+        with anyio.fail_after(10), pytest.raises((anyio.BrokenResourceError, OSError)):
+            while True:
+                await client.send(flood)
+        assert "stopped reading" in caplog.text
 
 
 async def test_greeting_delay_refuses_a_client_that_talks_first_rfc5321_4_3_1(
