@@ -427,6 +427,8 @@ async def test_on_message_consumers_drain_before_serve_returns(connect: Connect)
 
 async def test_seed_api_sketch_4() -> None:
     """API.md sketch 4, as written, with smtplib as the client."""
+    from minismtp import SmtpServer
+
     server = SmtpServer("127.0.0.1", 0, "localhost", timeout=10)
     async with server.start() as listening:
         await sendmail(listening.port, "a@example.com", ["b@example.com"])
