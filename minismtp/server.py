@@ -101,6 +101,8 @@ class Server:
     _idle: anyio.Event | None = None
     _accepting: anyio.CancelScope | None = None
     _clock: anyio.CancelScope | None = None
+    _refused: int = 0  # connections refused since the last log line about it
+    _refusals_logged_at: float = float("-inf")
 
     @property
     def port(self) -> int:
@@ -232,8 +234,19 @@ class Server:
             connections.start_soon(self._handle, stream, implicit_tls)
 
     async def _refuse(self, stream: SocketStream, implicit_tls: bool) -> None:
-        peer = _ip_address(stream.extra(SocketAttribute.remote_address))
-        log.warning("refused %s: %d connections already open", peer[0], self._active)
+        # One line per ten seconds at most: a flood must not flood the log as well.
+        self._refused += 1
+        now = anyio.current_time()
+        if now - self._refusals_logged_at >= 10.0:
+            peer = _ip_address(stream.extra(SocketAttribute.remote_address))
+            log.warning(
+                "refused %d connection(s), the last from %s: %d open (--max-connections)",
+                self._refused,
+                peer[0],
+                self._active,
+            )
+            self._refused = 0
+            self._refusals_logged_at = now
         with anyio.move_on_after(1.0):
             # On the implicit TLS port a plaintext reply would be noise: just close.
             if not implicit_tls:
