@@ -118,6 +118,7 @@ class Server:
 
     target: Target
     log_path: Path
+    source: Path = ROOT  # the tree whose minismtp (and tests.bench) the server imports
     proc: subprocess.Popen[bytes] | None = None
     host: str = "127.0.0.1"
     port: int = 0
@@ -131,10 +132,10 @@ class Server:
             self.port = free_port()
             argv = [a.replace("{port}", str(self.port)) for a in argv]
         env = {**os.environ, **dict(self.target.env), "PYTHONUNBUFFERED": "1"}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.source), env.get("PYTHONPATH")]))
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+                argv, cwd=self.source, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -429,12 +430,13 @@ class Bench:
     sizes: Sizes
     rounds: int
     workdir: Path
+    source: Source
     results: Results = attrs.field(factory=lambda: defaultdict(lambda: defaultdict(dict)))
     loops: dict[str, str] = attrs.field(factory=dict)
     delivered: dict[str, list[int]] = attrs.field(factory=dict)  # target -> [sent, counted]
 
     def server(self, target: Target, tag: str) -> Server:
-        server = Server(target, self.workdir / f"{target.name}-{tag}.log")
+        server = Server(target, self.workdir / f"{target.name}-{tag}.log", self.source.path)
         server.start()
         self.loops[target.name] = server.loop
         return server
@@ -532,14 +534,11 @@ def describe(bench: Bench, elapsed: float, load: float) -> str:
             versions.append(f"{package} {importlib.metadata.version(package)}")
         except importlib.metadata.PackageNotFoundError:
             pass
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
     c = bench.clients
     sizes = bench.sizes
     return "\n".join(
         [
-            f"minismtp {commit or '?'}; {', '.join(versions)}; {os.cpu_count()} CPUs "
+            f"minismtp {bench.source.describe}; {', '.join(versions)}; {os.cpu_count()} CPUs "
             f"({cpu_model()}), load average {load:.2f} at the start; {bench.rounds} round(s), "
             f"medians; run took {elapsed:.0f} s.",
             f"Clients: {c.which()} for plain 1 KB and 10 MB, client.py ({c.procs} processes, "
@@ -675,6 +674,35 @@ def profile(bench: Bench, rate: int) -> str:
 # --- command line --------------------------------------------------------------------------
 
 
+@attrs.frozen
+class Source:
+    path: Path
+    describe: str
+
+
+def git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def source_tree(commit: str | None, workdir: Path) -> Source:
+    """The working tree, or a snapshot of ``commit`` (others may be editing the tree meanwhile)."""
+    if commit is None:
+        dirty = git("status", "--porcelain", "--", "minismtp", "contrib")
+        return Source(
+            ROOT, git("rev-parse", "--short", "HEAD") + (" + uncommitted" if dirty else "")
+        )
+    rev = git("rev-parse", "--short", commit)
+    path = workdir / f"src-{rev}"
+    if not path.exists():
+        path.mkdir()
+        archive = subprocess.run(["git", "archive", rev], cwd=ROOT, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(path)], input=archive.stdout, check=True)
+        # contrib/ is served as minismtp.contrib by the build configuration; mimic it
+        (path / "minismtp" / "contrib").symlink_to(path / "contrib")
+    return Source(path, f"{rev} (snapshot)")
+
+
 LOCK = Path(tempfile.gettempdir()) / "minismtp-bench.lock"
 
 
@@ -738,6 +766,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="ARGS",
         help="extra options for `minismtp run`, e.g. '--log-level warning'",
     )
+    parser.add_argument(
+        "--commit",
+        metavar="REV",
+        help="serve minismtp from a snapshot of this commit (git archive) instead of the tree",
+    )
     parser.add_argument("--json", type=Path, help="also write every measured value here")
     parser.add_argument("--workdir", type=Path, help="server logs and profiles (default: temp)")
     args = parser.parse_args(argv)
@@ -761,6 +794,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes=Sizes.quick() if args.quick else Sizes(),
         rounds=args.rounds or (1 if args.quick else 3),
         workdir=workdir,
+        source=source_tree(args.commit, workdir),
     )
     progress(f"logs in {workdir}")
     with exclusive(LOCK):
