@@ -17,32 +17,41 @@ What this layer owns, because it owns the clock and the sockets:
 - graceful shutdown: stop accepting, let transactions in progress finish within a grace
   period, answer ``421 4.3.2`` to what remains, then let the App drain its channel.
 
+Bytes move through a small transport (a "wire") so that each event loop gets its fastest
+path: anyio's streams on trio, and a plain ``asyncio.Protocol`` on asyncio and uvloop, where
+anyio's stream layer (pausing and resuming the socket and a checkpoint on every read and
+write) would cost about twice the CPU per message. The session logic is the same on both.
+
 Use it as ``async with serve(app, host, port) as server:``, or through the seed's
 :class:`SmtpServer`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
 import os
 import ssl
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import anyio
 import attrs
-from anyio.abc import ByteStream, SocketAttribute, SocketListener, SocketStream, TaskGroup
+from anyio.abc import ByteStream, SocketAttribute, SocketListener, TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
+from anyio.streams.tls import TLSAttribute
 
 from minismtp.app import App
 from minismtp.events import Connect, Data, Event, Mail
 from minismtp.ids import new_id
 from minismtp.protocol import NEED_DATA, Closed, Engine, Limits, StartTLS
 from minismtp.tls import TLSConfig, TLSHandshakeFailed, tls_info
-from minismtp.types import Message, Reply, Session
+from minismtp.types import Message, Reply, Session, TLSInfo
 
 log = logging.getLogger("minismtp.server")
 
@@ -52,6 +61,11 @@ SESSION_TOO_LONG = Reply(421, "4.4.2", "Session time limit exceeded, closing con
 SHUTTING_DOWN = Reply(421, "4.3.2", "Server shutting down, closing connection")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 TALKED_FIRST = Reply(554, "5.5.1", "Protocol error: talked before greeting")
+
+_NEVER = float("inf")
+# Session deadlines are ours alone (set here, checked by our clock task), so the cheapest
+# monotonic clock will do: anyio.current_time() looks the backend up on every call.
+_now = time.monotonic
 
 
 class ServableApp(Protocol):
@@ -81,6 +95,9 @@ class ServerConfig:
     # cancelled outright (a client that stopped reading, an App call that hangs).
     shutdown_cancel_after: float = 5.0
     read_size: int = 64 * 1024
+    # "auto": an asyncio Protocol on asyncio/uvloop, anyio streams elsewhere; "stream": anyio
+    # streams everywhere (the portable path, for comparison and debugging).
+    transport: Literal["auto", "stream"] = "auto"
 
 
 @attrs.define(eq=False)
@@ -102,6 +119,8 @@ class Server:
     _accepting: anyio.CancelScope | None = None
     _clock: anyio.CancelScope | None = None
     _refused: int = 0  # connections refused since the last log line about it
+    _task_group: TaskGroup | None = None  # where connection tasks run
+    _asyncio_servers: list[asyncio.Server] = attrs.field(factory=list)
     _refusals_logged_at: float = float("-inf")
 
     @property
@@ -147,6 +166,8 @@ class Server:
         try:
             if self._accepting is not None:
                 self._accepting.cancel()
+            for asyncio_server in self._asyncio_servers:
+                asyncio_server.close()  # closes the listening socket too
             with anyio.CancelScope(shield=True):
                 for listener, _ in self._listeners:
                     await listener.aclose()
@@ -197,7 +218,7 @@ class Server:
             task_status.started()
             while True:
                 await anyio.sleep(period)
-                now = anyio.current_time()
+                now = _now()
                 for connection in list(self._connections):
                     if connection.deadline <= now:
                         connection.time_out()
@@ -207,9 +228,21 @@ class Server:
     async def _accept_all(
         self, connections: TaskGroup, *, task_status: anyio.abc.TaskStatus[None]
     ) -> None:
+        self._task_group = connections
+        stream_listeners = self._listeners
+        if self.config.transport == "auto" and _running_asyncio():
+            # Plain listeners get the Protocol path. Implicit TLS keeps anyio's streams: the
+            # ClientHello may come with the connection, before start_tls() could take it.
+            stream_listeners = [(lst, tls) for lst, tls in self._listeners if tls]
+            loop = asyncio.get_running_loop()
+            for listener, implicit_tls in self._listeners:
+                if not implicit_tls:
+                    sock = listener.extra(SocketAttribute.raw_socket)
+                    factory = functools.partial(_ProtocolWire, self)
+                    self._asyncio_servers.append(await loop.create_server(factory, sock=sock))
         async with anyio.create_task_group() as accepting:
             self._accepting = accepting.cancel_scope
-            for listener, implicit_tls in self._listeners:
+            for listener, implicit_tls in stream_listeners:
                 accepting.start_soon(self._accept, listener, implicit_tls, connections)
             task_status.started()
 
@@ -226,19 +259,42 @@ class Server:
                 log.error("accept() failed: %s", exc)
                 await anyio.sleep(0.1)
                 continue
+            peer = _ip_address(stream.extra(SocketAttribute.remote_address))
             if self._active >= self.config.max_connections:
                 # Answered here, not in a new task, so a flood costs no unbounded work.
-                await self._refuse(stream, implicit_tls)
+                self._note_refusal(peer)
+                with anyio.move_on_after(1.0):
+                    # On the implicit TLS port a plaintext reply would be noise: just close.
+                    if not implicit_tls:
+                        with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                            await stream.send(bytes(TOO_MANY_CONNECTIONS))
+                await anyio.aclose_forcefully(stream)
                 continue
             self._active += 1
-            connections.start_soon(self._handle, stream, implicit_tls)
+            local = _ip_address(stream.extra(SocketAttribute.local_address))
+            wire = _StreamWire(stream, self.config.read_size)
+            connections.start_soon(self._handle, wire, peer, local, implicit_tls)
 
-    async def _refuse(self, stream: SocketStream, implicit_tls: bool) -> None:
+    def _protocol_connection_made(self, wire: _ProtocolWire, transport: asyncio.Transport) -> None:
+        """The asyncio path's accept: called from ``connection_made``."""
+        peer = _ip_address(transport.get_extra_info("peername"))
+        if self._stopping or self._task_group is None:
+            transport.abort()
+            return
+        if self._active >= self.config.max_connections:
+            self._note_refusal(peer)
+            transport.write(bytes(TOO_MANY_CONNECTIONS))
+            transport.close()
+            return
+        self._active += 1
+        local = _ip_address(transport.get_extra_info("sockname"))
+        self._task_group.start_soon(self._handle, wire, peer, local, False)
+
+    def _note_refusal(self, peer: tuple[str, int]) -> None:
         # One line per ten seconds at most: a flood must not flood the log as well.
         self._refused += 1
-        now = anyio.current_time()
+        now = _now()
         if now - self._refusals_logged_at >= 10.0:
-            peer = _ip_address(stream.extra(SocketAttribute.remote_address))
             log.warning(
                 "refused %d connection(s), the last from %s: %d open (--max-connections)",
                 self._refused,
@@ -247,27 +303,18 @@ class Server:
             )
             self._refused = 0
             self._refusals_logged_at = now
-        with anyio.move_on_after(1.0):
-            # On the implicit TLS port a plaintext reply would be noise: just close.
-            if not implicit_tls:
-                with contextlib.suppress(anyio.BrokenResourceError, OSError):
-                    await stream.send(bytes(TOO_MANY_CONNECTIONS))
-        await anyio.aclose_forcefully(stream)
 
-    async def _handle(self, stream: SocketStream, implicit_tls: bool) -> None:
-        session = Session(
-            id=new_id(),
-            hostname=self.app.hostname,
-            peer=_ip_address(stream.extra(SocketAttribute.remote_address)),
-            local=_ip_address(stream.extra(SocketAttribute.local_address)),
-        )
+    async def _handle(
+        self, wire: _Wire, peer: tuple[str, int], local: tuple[str, int], implicit_tls: bool
+    ) -> None:
+        session = Session(id=new_id(), hostname=self.app.hostname, peer=peer, local=local)
         engine = Engine(
             session,
             self.app.limits,
             tls_available=self.tls is not None,
             require_tls=self.require_tls,
         )
-        connection = _Connection(self, stream, engine)
+        connection = _Connection(self, wire, engine)
         self._connections.add(connection)
         try:
             with connection.cancel_scope:
@@ -279,13 +326,185 @@ class Server:
             log.exception("session %s from %s failed", session.id, session.peer_host)
         finally:
             self._connections.discard(connection)
-            await anyio.aclose_forcefully(connection.stream)
+            await connection.wire.aclose()
             self._active -= 1
             if not self._active and self._idle is not None:
                 self._idle.set()
 
 
-_NEVER = float("inf")
+# -- wires: how bytes move --------------------------------------------------------------------
+
+
+class _Wire(Protocol):
+    """A connection's bytes, whatever carries them."""
+
+    async def receive(self) -> bytes:
+        """What the client sent next; ``b""`` once it has closed its side."""
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def start_tls(self, tls: TLSConfig) -> TLSInfo:
+        """The server side of a handshake; raises :class:`TLSHandshakeFailed`."""
+
+    async def aclose(self) -> None: ...
+
+
+@attrs.define(eq=False)
+class _StreamWire:
+    """anyio's streams: every backend (trio's fastest path)."""
+
+    stream: ByteStream
+    read_size: int
+
+    async def receive(self) -> bytes:
+        try:
+            return await self.stream.receive(self.read_size)
+        except anyio.EndOfStream:
+            return b""
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send(data)
+
+    async def start_tls(self, tls: TLSConfig) -> TLSInfo:
+        self.stream = stream = await tls.handshake(self.stream)
+        return tls_info(stream.extra(TLSAttribute.ssl_object))
+
+    async def aclose(self) -> None:
+        await anyio.aclose_forcefully(self.stream)
+
+
+class _ProtocolWire(asyncio.Protocol):
+    """A plain ``asyncio.Protocol`` (asyncio and uvloop): the loop calls it with each chunk
+    and the connection task takes whatever has arrived, without a stream layer in between.
+
+    Reading pauses while ``read_size`` bytes wait unread, so memory stays bounded; writes
+    wait for the transport's buffer to drain (``pause_writing``/``resume_writing``).
+    """
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._limit = server.config.read_size
+        self._transport: asyncio.Transport | None = None
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._paused = False
+        self._eof = False
+        self._lost = False
+        self._tls = False
+        self._reader: asyncio.Future[None] | None = None
+        self._drained: asyncio.Future[None] | None = None
+
+    # -- the loop's side
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports quack like asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+        self._server._protocol_connection_made(self, self._transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size >= self._limit and not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake_reader()
+        # Keep a plain connection open for our last reply; TLS closes on its own.
+        return not self._tls
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = self._eof = True
+        self._wake_reader()
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._drained = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    def _wake_reader(self) -> None:
+        reader = self._reader
+        if reader is not None and not reader.done():
+            reader.set_result(None)
+
+    # -- the connection task's side
+
+    async def receive(self) -> bytes:
+        while not self._chunks:
+            if self._eof:
+                return b""
+            self._reader = asyncio.get_running_loop().create_future()
+            try:
+                await self._reader
+            finally:
+                self._reader = None
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._chunks = []
+        self._size = 0
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+        return data
+
+    async def send(self, data: bytes) -> None:
+        if self._lost or self._transport is None:
+            raise anyio.BrokenResourceError("connection lost")
+        self._transport.write(data)
+        if self._drained is not None:
+            await self._drained
+            if self._lost:
+                raise anyio.BrokenResourceError("connection lost")
+
+    async def start_tls(self, tls: TLSConfig) -> TLSInfo:
+        # Whatever came in the clear after STARTTLS is dropped here, as in the engine.
+        self._chunks = []
+        self._size = 0
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+        if self._lost or self._transport is None:
+            raise TLSHandshakeFailed("connection lost")
+        loop = asyncio.get_running_loop()
+        try:
+            with anyio.fail_after(tls.handshake_timeout):
+                transport = await loop.start_tls(
+                    self._transport,
+                    self,
+                    tls.context,
+                    server_side=True,
+                    # Our own deadline decides; this one only backs it up.
+                    ssl_handshake_timeout=tls.handshake_timeout + 1,
+                )
+        except ssl.SSLError as exc:
+            raise TLSHandshakeFailed(exc.reason or str(exc)) from None
+        except TimeoutError:
+            raise TLSHandshakeFailed(f"timed out after {tls.handshake_timeout:g} s") from None
+        except (OSError, RuntimeError) as exc:
+            raise TLSHandshakeFailed(f"connection lost ({type(exc).__name__})") from None
+        if transport is None or self._lost:
+            raise TLSHandshakeFailed("connection lost")
+        self._transport = transport
+        self._tls = True
+        return tls_info(transport.get_extra_info("ssl_object"))
+
+    async def aclose(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            # close() waits for the buffer to drain; a client that never reads must not
+            # keep the socket forever.
+            asyncio.get_running_loop().call_later(5.0, transport.abort)
 
 
 @attrs.define(eq=False)
@@ -299,7 +518,7 @@ class _Connection:
     """
 
     server: Server
-    stream: ByteStream
+    wire: _Wire
     engine: Engine
     cancel_scope: anyio.CancelScope = attrs.field(factory=anyio.CancelScope)
     deadline: float = _NEVER
@@ -313,7 +532,7 @@ class _Connection:
 
     def __attrs_post_init__(self) -> None:
         cap = self.server.config.max_session_duration
-        self._session_deadline = anyio.current_time() + cap if cap is not None else _NEVER
+        self._session_deadline = _now() + cap if cap is not None else _NEVER
 
     def interrupt(self, reply: Reply) -> None:
         """End the session with ``reply``: now if it waits for the client, else at its next
@@ -352,7 +571,7 @@ class _Connection:
                 anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError
             ),
         ):
-            await self.stream.send(self.engine.data_to_send())
+            await self.wire.send(self.engine.data_to_send())
 
     async def run(self, implicit_tls: bool) -> None:
         engine = self.engine
@@ -379,7 +598,7 @@ class _Connection:
                         if delay and 200 <= reply.code < 300:
                             await self._delay_greeting(float(delay))
                     elif isinstance(event, Mail):
-                        self._transaction_started = anyio.current_time()
+                        self._transaction_started = _now()
                     elif isinstance(event, Data):
                         self._log_transaction(event, reply)
                 elif isinstance(event, StartTLS):
@@ -397,9 +616,9 @@ class _Connection:
         out = self.engine.data_to_send()
         if out:
             # A client that does not read its replies must not hold the slot forever.
-            self.deadline = anyio.current_time() + self.server.config.idle_timeout
+            self.deadline = _now() + self.server.config.idle_timeout
             try:
-                await self.stream.send(out)
+                await self.wire.send(out)
             finally:
                 self.deadline = _NEVER
 
@@ -411,7 +630,7 @@ class _Connection:
             engine.close(self._closing)
             return None
         config = self.server.config
-        started = anyio.current_time()
+        started = _now()
         if engine.receiving_data and config.min_data_rate > 0:
             if not self._receiving:
                 self._receiving = True
@@ -426,14 +645,12 @@ class _Connection:
         self._timeout_reply = reply
         self._reading = True
         try:
-            data = await self.stream.receive(config.read_size)
-        except anyio.EndOfStream:
-            data = b""
+            data = await self.wire.receive()
         finally:
             self._reading = False
             self.deadline = _NEVER
         if self._receiving:
-            elapsed = anyio.current_time() - started
+            elapsed = _now() - started
             credit = self._data_credit - elapsed + len(data) / config.min_data_rate
             self._data_credit = min(config.idle_timeout, credit)
         return data
@@ -447,15 +664,18 @@ class _Connection:
         ``554 5.5.1 Protocol error: talked before greeting`` instead of the greeting and the
         connection is closed; otherwise the greeting goes out and the session goes on.
         """
-        with anyio.move_on_after(delay) as scope:
-            self._reading = True  # the server may interrupt the wait
-            try:
-                data = await self.stream.receive(self.server.config.read_size)
-            except anyio.EndOfStream:
-                data = b""
-            finally:
-                self._reading = False
-        if scope.cancelled_caught:
+        deadline = _now() + delay
+        data: bytes | None = None
+        self._reading = True  # the server may interrupt the wait
+        try:
+            # uvloop's timers round to the millisecond and may fire a little early: the
+            # monotonic clock decides, so the greeting is held back the full delay.
+            while data is None and (left := deadline - _now()) > 0:
+                with anyio.move_on_after(left):
+                    data = await self.wire.receive()
+        finally:
+            self._reading = False
+        if data is None:
             return  # a quiet client: the greeting goes out
         self.engine.data_to_send()  # the greeting is never sent
         session = self.engine.session
@@ -471,18 +691,17 @@ class _Connection:
         assert tls is not None, "the engine offers STARTTLS only with a certificate"
         session = self.engine.session
         try:
-            stream = await tls.handshake(self.stream)
+            info = await self.wire.start_tls(tls)
         except TLSHandshakeFailed as exc:
             log.info(
                 "session %s: TLS handshake with %s failed: %s", session.id, session.peer_host, exc
             )
             return False
-        self.stream = stream
         if implicit:
             # The session starts encrypted, before the greeting: nothing to reset.
-            session.tls = tls_info(stream)
+            session.tls = info
         else:
-            self.engine.tls_started(tls_info(stream))
+            self.engine.tls_started(info)
         return True
 
     def _log_transaction(self, event: Data, reply: Reply) -> None:
@@ -504,8 +723,16 @@ class _Connection:
             len(event.data),
             reply.code,
             reply.lines[-1],
-            anyio.current_time() - self._transaction_started,
+            _now() - self._transaction_started,
         )
+
+
+def _running_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _ip_address(address: Any) -> tuple[str, int]:

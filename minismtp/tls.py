@@ -14,7 +14,7 @@ import ssl
 import anyio
 import attrs
 from anyio.abc import AnyByteStream
-from anyio.streams.tls import TLSAttribute, TLSStream
+from anyio.streams.tls import TLSStream
 
 from minismtp.types import TLSInfo
 
@@ -110,21 +110,21 @@ class TLSHandshakeFailed(Exception):
     """The TLS handshake did not complete; the text says why, in a few words."""
 
 
-def tls_info(stream: TLSStream) -> TLSInfo:
-    """What the handshake on ``stream`` negotiated, for ``Session.tls``."""
-    certificate = stream.extra(TLSAttribute.peer_certificate, None)
+def tls_info(tls: ssl.SSLObject | ssl.SSLSocket) -> TLSInfo:
+    """What the handshake negotiated, for ``Session.tls`` (from a TLS stream's ``ssl_object``,
+    or an asyncio transport's)."""
+    certificate = tls.getpeercert()
     subject = None
     if certificate and "subject" in certificate:
-        rdns = certificate["subject"]
-        assert isinstance(rdns, tuple)
         # RFC 4514 writes the most specific name first, the reverse of the certificate.
         subject = ",".join(
             f"{_SHORT_NAMES.get(name, name)}={value}"
-            for rdn in reversed(rdns)
+            for rdn in reversed(certificate["subject"])
             for name, value in rdn
         )
+    cipher = tls.cipher()
     return TLSInfo(
-        version=stream.extra(TLSAttribute.tls_version),
-        cipher=stream.extra(TLSAttribute.cipher)[0],
+        version=tls.version() or "",
+        cipher=cipher[0] if cipher else "",
         peer_certificate_subject=subject,
     )

@@ -3,10 +3,13 @@ raw SMTP client for dialogues that smtplib will not have (pipelining tricks, bad
 
 from __future__ import annotations
 
+import importlib.util
 import ssl
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import attrs
@@ -21,10 +24,21 @@ from minismtp.tls import TLSConfig
 
 
 @pytest.fixture(params=["asyncio", "trio"], scope="module")
-def anyio_backend(request: pytest.FixtureRequest) -> str:
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
     """Run each ``@pytest.mark.anyio`` test on asyncio and on trio."""
-    backend: str = request.param
-    return backend
+    return request.param
+
+
+def with_uvloop() -> list[Any]:
+    """asyncio, trio and (when installed) uvloop: for a module's own ``anyio_backend``.
+
+    uvloop is what ``minismtp run --loop auto`` picks, and the server's asyncio Protocol
+    path meets uvloop's own transports there, so the server's tests run on it too.
+    """
+    backends: list[Any] = ["asyncio", "trio"]
+    if importlib.util.find_spec("uvloop") is not None and sys.platform != "win32":
+        backends.append(pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"))
+    return backends
 
 
 # -- certificates ---------------------------------------------------------------------------

@@ -6,10 +6,11 @@ import logging
 import smtplib
 import socket
 from collections import Counter
+from typing import Any
 
 import anyio
 import pytest
-from conftest import Connect, WireClient
+from conftest import Connect, WireClient, with_uvloop
 
 from minismtp.app import App
 from minismtp.events import Event, Mail
@@ -17,6 +18,12 @@ from minismtp.server import Server, ServerConfig, SmtpServer, serve
 from minismtp.types import Address, Message, Reply, Session, Transaction
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=with_uvloop(), scope="module")
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    return request.param
+
 
 BODY = b"From: a@example.com\r\nSubject: hello\r\n\r\nHello, world.\r\n"
 
@@ -420,6 +427,22 @@ async def test_on_message_consumers_drain_before_serve_returns(connect: Connect)
         for i in range(3):
             await sendmail(server.port, "a@example.com", ["b@example.com"], BODY + b"%d\r\n" % i)
     assert seen == [BODY + b"%d\r\n" % i for i in range(3)]
+
+
+async def test_anyio_stream_transport_on_asyncio(app: App, connect: Connect) -> None:
+    """The portable path (trio's) on asyncio too: the same dialogue, the same clocks."""
+    config = ServerConfig(transport="stream", idle_timeout=0.3)
+    async with serve(app, "127.0.0.1", 0, config=config) as server:
+        await sendmail(server.port, "a@example.com", ["b@example.com"])
+        async with connect(server.port) as client:
+            await greeted(client)
+            await client.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+            assert [(await client.reply())[:3] for _ in range(3)] == ["250", "250", "354"]
+            await client.send(b"..dot\r\n.\r\n")
+            assert (await client.reply()).startswith("250 2.0.0")
+            with anyio.fail_after(5):
+                assert (await client.reply()).startswith("421 4.4.2")
+    assert [m.original for m in drain(server)] == [BODY, b".dot\r\n"]
 
 
 # -- the seed's API --------------------------------------------------------------------------------

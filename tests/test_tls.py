@@ -6,11 +6,12 @@ import logging
 import smtplib
 import ssl
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 import trustme
-from conftest import Certificates, Connect, WireClient, issue_certificates
+from conftest import Certificates, Connect, WireClient, issue_certificates, with_uvloop
 
 from minismtp.app import App
 from minismtp.server import Server, serve
@@ -18,6 +19,12 @@ from minismtp.tls import TLSConfig
 from minismtp.types import Address, Message, Reply, Session, TLSInfo, Transaction
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=with_uvloop(), scope="module")
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    return request.param
+
 
 BODY = b"Subject: secret\r\n\r\nOver TLS.\r\n"
 
