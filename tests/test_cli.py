@@ -188,6 +188,22 @@ def test_sigterm_during_a_transaction_lets_it_finish_then_exits_0(tmp_path: Path
     assert stored.read_bytes().endswith(b"Subject: half\r\n\r\nand the rest.\r\n")
 
 
+@pytest.mark.parametrize("loop", ["trio", "auto"])
+def test_a_second_sigterm_ends_the_transactions_at_once(tmp_path: Path, loop: str) -> None:
+    with run("--loop", loop, "--shutdown-grace", "60", cwd=tmp_path) as server:
+        client = smtplib.SMTP("127.0.0.1", server.port, timeout=10)
+        client.ehlo()
+        client.mail("a@example.com")
+        server.process.send_signal(signal.SIGTERM)
+        server.wait_for("stderr", "SIGTERM: shutting down")
+        server.process.send_signal(signal.SIGTERM)
+        server.wait_for("stderr", "SIGTERM again: closing every session now")
+        assert client.getreply()[0] == 421
+        assert server.process.wait(timeout=20) == 0
+        client.close()
+    assert not list((tmp_path / "maildir" / "new").iterdir())
+
+
 def test_sigint_stops_an_idle_server_with_exit_0(tmp_path: Path) -> None:
     with run(cwd=tmp_path) as server, socket.create_connection(("127.0.0.1", server.port)) as idle:
         assert idle.recv(100).startswith(b"220 ")
