@@ -500,11 +500,12 @@ class _ProtocolWire(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        transport.close()
         if transport.get_write_buffer_size():
-            # close() waits for the buffer to drain; a client that never reads must not
-            # keep the socket forever.
-            asyncio.get_running_loop().call_later(5.0, transport.abort)
+            # The kernel's buffer is full too: the client is not reading, and close() would
+            # wait for it forever.
+            transport.abort()
+        else:
+            transport.close()
 
 
 @attrs.define(eq=False)
