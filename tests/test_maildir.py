@@ -117,7 +117,9 @@ async def test_group_commit_every_put_returns_after_an_fsync_that_covers_it(
             for i in range(count):
                 tasks.start_soon(put, i)
     assert len(returned) == count
-    assert box.directory_syncs <= 2
+    # Two fsyncs when every rename is seen by the event loop before the first ends; under load
+    # a few late ones may need a third or fourth. Without group commit it would be 30.
+    assert box.directory_syncs < 10
     assert sorted(p.read_bytes() for p in returned) == sorted(
         b"message %d\r\n" % i for i in range(count)
     )
