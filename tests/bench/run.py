@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import resource
 import select
 import shlex
 import shutil
@@ -360,9 +361,12 @@ class Sizes:
 def load_metrics(
     server: Server, run: Callable[[], float], messages: int, size: int
 ) -> dict[str, float]:
-    cpu_before = server.cpu_seconds()
+    cpu_before, ours_before, busy_before = server.cpu_seconds(), our_cpu(), machine_busy()
+    started = time.monotonic()
     seconds = run()
+    wall = time.monotonic() - started
     cpu = server.cpu_seconds() - cpu_before
+    foreign = machine_busy() - busy_before - cpu - (our_cpu() - ours_before)
     server.check_alive()
     megabytes = messages * size / 1e6
     return {
@@ -370,7 +374,23 @@ def load_metrics(
         "mb_per_s": megabytes / seconds,
         "cpu_us": cpu / messages * 1e6,
         "cpu_ms_per_mb": cpu / megabytes * 1e3,
+        "foreign_pct": max(0.0, foreign / (wall * (os.cpu_count() or 1)) * 100),
     }
+
+
+def machine_busy() -> float:
+    """CPU seconds all processes of the machine have used (/proc/stat, all but idle)."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / CLK_TCK
+
+
+def our_cpu() -> float:
+    """CPU seconds of this process and its finished clients (smtp-source, client.py)."""
+    me, clients = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime + clients.ru_utime + clients.ru_stime
 
 
 def measure(scenario: str, server: Server, clients: Clients, sizes: Sizes) -> dict[str, float]:
@@ -494,6 +514,8 @@ class Bench:
             for r in ROWS
             if r.scenario == scenario and r.metric in values
         )
+        if "foreign_pct" in values:
+            shown += f" (other processes: {values['foreign_pct']:.0f}% of the machine)"
         progress(f"[round {round_no}] {scenario:9} {target.name:17} {shown}")
 
     def median(self, row: Row, target: str) -> float | None:
@@ -536,6 +558,19 @@ def describe(bench: Bench, elapsed: float, load: float) -> str:
             pass
     c = bench.clients
     sizes = bench.sizes
+    foreign = [
+        v
+        for scenario in bench.results.values()
+        for target in scenario.get("foreign_pct", {}).values()
+        for v in target
+    ]
+    quiet = (
+        f"Other processes used {statistics.median(foreign):.0f}% of the machine during the "
+        f"median load run, {max(foreign):.0f}% at most"
+        + (": figures are disturbed, run again on a quiet machine." if max(foreign) > 10 else ".")
+        if foreign
+        else ""
+    )
     return "\n".join(
         [
             f"minismtp {bench.source.describe}; {', '.join(versions)}; {os.cpu_count()} CPUs "
@@ -545,7 +580,7 @@ def describe(bench: Bench, elapsed: float, load: float) -> str:
             f"uvloop) for PIPELINING, dot-stuffed, latency and idle connections. Per run: "
             f"{sizes.small:,} x 1 KB, {sizes.big} x 10 MB, {sizes.latency:,} sequential, "
             f"{sizes.idle:,} idle connections. Ratios: minismtp / aiosmtpd in the same run "
-            f"(↑ higher is better, ↓ lower is better).",
+            f"(↑ higher is better, ↓ lower is better). {quiet}",
         ]
     )
 
