@@ -337,6 +337,7 @@ ROWS = (
     Row("latency", "p50_us", "1 session, sequential: latency p50 (µs)", "{:,.0f}", False),
     Row("latency", "p99_us", "1 session, sequential: latency p99 (µs)", "{:,.0f}", False),
     Row("rss-idle", "rss_mb", "peak RSS, 1,000 idle connections (MB)", "{:,.1f}", False),
+    Row("rss-idle", "kb_per_conn", "RSS growth per idle connection (KB)", "{:,.1f}", False),
     Row("rss-10mb", "rss_mb", "peak RSS, 4 concurrent 10 MB messages (MB)", "{:,.1f}", False),
 )
 SCENARIOS = tuple(dict.fromkeys(r.scenario for r in ROWS))
@@ -413,9 +414,11 @@ def measure(scenario: str, server: Server, clients: Clients, sizes: Sizes) -> di
     if scenario == "latency":
         return clients.latency(server, messages=sizes.latency, size=1024)
     if scenario == "rss-idle":
+        before = server.memory_mb("VmRSS")
         with clients.idle(server, sizes.idle):
             server.check_alive()
-            return {"rss_mb": server.memory_mb()}
+            per_connection = (server.memory_mb("VmRSS") - before) * 1e3 / sizes.idle
+            return {"rss_mb": server.memory_mb(), "kb_per_conn": per_connection}
     if scenario == "rss-10mb":
         clients.load(server, sessions=4, messages=4, size=10 * MIB)
         return {"rss_mb": server.memory_mb()}
