@@ -26,6 +26,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from minismtp.events import Connect, Data, Event, Handler, Helo, Mail, Rcpt
 from minismtp.ids import new_id
 from minismtp.maildir import Maildir
+from minismtp.metrics import Metrics
 from minismtp.protocol import Limits
 from minismtp.received import received_header
 from minismtp.types import Address, Message, Reply, Session, Transaction
@@ -139,6 +140,8 @@ class App:
         self._send: MemoryObjectSendStream[Message]
         self._receive: MemoryObjectReceiveStream[Message]
         self._open_channel()
+        #: Counters and gauges of this App's server (hook errors are counted here).
+        self.metrics = Metrics(channel_depth=self._channel_depth)
         self._serving = False
         # Callbacks told of each message accepted in a given session (the test client's).
         self._watchers: dict[Session, Callable[[Message], None]] = {}
@@ -234,6 +237,7 @@ class App:
         except Exception:
             if raise_exceptions:
                 raise
+            self.metrics.hook_errors += 1
             logger.exception(
                 "error while handling %s from %s (session %s)",
                 type(event).__name__,
@@ -334,8 +338,9 @@ class App:
             watcher = self._watchers.get(event.session)
             if watcher is not None:
                 watcher(message)
-        if logger.isEnabledFor(logging.INFO):
-            logger.info(
+        if logger.isEnabledFor(logging.DEBUG):
+            # DEBUG: the server logs one INFO line per transaction, with the reply and timing.
+            logger.debug(
                 "accepted %s peer=%s helo=%s from=<%s> to=%s size=%d",
                 message.id,
                 message.peer[0],
@@ -359,6 +364,9 @@ class App:
                 logger.warning("message %s stored, but on_message consumers are gone", message.id)
 
     # -- serving ------------------------------------------------------------------------------
+
+    def _channel_depth(self) -> int:
+        return self._receive.statistics().current_buffer_used
 
     def _open_channel(self) -> None:
         self._send, self._receive = anyio.create_memory_object_stream[Message](math.inf)
@@ -438,6 +446,6 @@ class App:
 def default_app(maildir: str | os.PathLike[str] = "./maildir", hostname: str | None = None) -> App:
     """What ``minismtp run`` serves without an app: every message stored in ``maildir``.
 
-    The App logs one line per accepted message (logger ``minismtp.app``).
+    The server logs one line per transaction (logger ``minismtp.server``).
     """
     return App(hostname=hostname or socket.gethostname(), maildir=maildir)

@@ -4,7 +4,8 @@ Like uvicorn: the App is imported from ``module:attribute`` (the current directo
 import path), every problem found before serving -- an App that cannot be imported, a bad
 option, a port in use, a certificate that does not load -- is one line on stderr and exit
 status 2, and SIGTERM or SIGINT stops the server gracefully (a second one closes every session
-at once). SIGHUP reads the TLS certificate and key again.
+at once). SIGHUP reads the TLS certificate and key again. With ``--workers N`` this process
+binds the sockets and supervises N worker processes (:mod:`minismtp.workers`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
 import traceback
@@ -25,8 +27,11 @@ import attrs
 
 from minismtp import __version__
 from minismtp.app import default_app
+from minismtp.metrics import serve_metrics
+from minismtp.proxy import LOOPBACK, parse_networks
 from minismtp.server import ServableApp, Server, ServerConfig, serve
 from minismtp.tls import TLSConfig
+from minismtp.workers import Supervisor, bind_sockets, watch_parent, worker_command
 
 log = logging.getLogger("minismtp.cli")
 
@@ -183,6 +188,53 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refuse MAIL before STARTTLS with 530 5.7.0",
     )
+    proxy = run.add_argument_group("behind a load balancer")
+    proxy.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="every connection starts with a PROXY protocol header (v1 or v2, as HAProxy "
+        "sends it) naming the client; connections without a valid one are closed",
+    )
+    proxy.add_argument(
+        "--proxy-trusted",
+        action="append",
+        metavar="CIDR",
+        help="a network whose PROXY headers are believed; repeat for more; others are closed "
+        "(default: 127.0.0.0/8 and ::1)",
+    )
+    proxy.add_argument(
+        "--proxy-timeout",
+        type=_seconds,
+        default=_DEFAULTS.proxy_timeout,
+        metavar="SECONDS",
+        help="time allowed for the PROXY header to arrive (default: %(default)g)",
+    )
+    procs = run.add_argument_group("processes and metrics")
+    procs.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="serve with N worker processes sharing the listening socket; this process "
+        "restarts any that dies and passes signals on (default: %(default)s)",
+    )
+    procs.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics; worker i of --workers "
+        "uses PORT+i (default: no metrics endpoint)",
+    )
+    procs.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address of the metrics endpoint (default: %(default)s)",
+    )
+    # What a worker process of --workers is given by its parent; not for people.
+    for hidden in ("--listen-fd", "--listen-tls-fd"):
+        run.add_argument(hidden, type=int, action="append", default=[], help=argparse.SUPPRESS)
+    run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     store = run.add_argument_group("embedded default")
     store.add_argument(
         "--maildir",
@@ -267,6 +319,10 @@ def _load(args: argparse.Namespace) -> tuple[ServableApp, TLSConfig | None]:
     else:
         app = import_app(args.app, factory=args.factory)
     _configure_app(app, args)
+    if args.proxy_trusted is not None and not args.proxy_protocol:
+        raise UsageError("--proxy-trusted needs --proxy-protocol")
+    if args.workers > 1 and sys.platform == "win32":
+        raise UsageError("--workers needs a POSIX system")
     if args.tls_cert is None:
         for option in ("tls_key", "tls_port"):
             if getattr(args, option) is not None:
@@ -286,17 +342,29 @@ def _format_address(address: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _server_config(args: argparse.Namespace) -> ServerConfig:
+    try:
+        trusted = parse_networks(args.proxy_trusted) if args.proxy_trusted else LOOPBACK
+    except ValueError as exc:
+        raise UsageError(f"--proxy-trusted: {exc}") from None
+    return ServerConfig(
+        idle_timeout=args.timeout,
+        max_connections=args.max_connections,
+        shutdown_grace=args.shutdown_grace,
+        proxy_protocol=args.proxy_protocol,
+        proxy_trusted=trusted,
+        proxy_timeout=args.proxy_timeout,
+    )
+
+
 async def _serve(
     app: ServableApp,
     tls: TLSConfig | None,
     args: argparse.Namespace,
     loop_name: str,
 ) -> int:
-    config = ServerConfig(
-        idle_timeout=args.timeout,
-        max_connections=args.max_connections,
-        shutdown_grace=args.shutdown_grace,
-    )
+    config = _server_config(args)
+    worker = args.worker_index is not None
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     reload_signal = getattr(signal, "SIGHUP", None)
     wanted = [*stop_signals, *([reload_signal] if reload_signal is not None else [])]
@@ -311,15 +379,21 @@ async def _serve(
                 tls_port=args.tls_port,
                 require_tls=args.require_tls,
                 config=config,
+                sockets=[socket.socket(fileno=fd) for fd in args.listen_fd],
+                tls_sockets=[socket.socket(fileno=fd) for fd in args.listen_tls_fd],
             )
-            async with running as server:
-                for address in server.addresses:
-                    print(f"minismtp listening on {_format_address(address)} ({loop_name})")
-                for address in server.tls_addresses:
-                    print(
-                        f"minismtp listening on {_format_address(address)} "
-                        f"with implicit TLS ({loop_name})"
+            async with running as server, anyio.create_task_group() as extras:
+                if args.metrics_port is not None:
+                    port = args.metrics_port and args.metrics_port + (args.worker_index or 0)
+                    bound = await extras.start(
+                        serve_metrics, server.metrics, args.metrics_host, port
                     )
+                    print(f"minismtp metrics on http://{args.metrics_host}:{bound}/metrics")
+                if worker:
+                    await extras.start(watch_parent)
+                    log.info("worker %d (pid %d) serving", args.worker_index, os.getpid())
+                else:
+                    _announce(server.addresses, server.tls_addresses, loop_name)
                 sys.stdout.flush()
                 async for signum in signals:
                     if signum in stop_signals:
@@ -330,11 +404,52 @@ async def _serve(
                     tasks.start_soon(_hurry, server, signals, stop_signals)
                     await server.stop()
                     tasks.cancel_scope.cancel()
+                extras.cancel_scope.cancel()
         except OSError as exc:
             # The port is in use, or the Maildir cannot be created: said once, exit 2.
             print(f"minismtp: error: {exc}", file=sys.stderr)
             return 2
     return 0
+
+
+def _announce(
+    addresses: Sequence[tuple[str, int]], tls_addresses: Sequence[tuple[str, int]], loop: str
+) -> None:
+    for address in addresses:
+        print(f"minismtp listening on {_format_address(address)} ({loop})")
+    for address in tls_addresses:
+        print(f"minismtp listening on {_format_address(address)} with implicit TLS ({loop})")
+
+
+def _supervise(argv: Sequence[str], args: argparse.Namespace, loop_name: str) -> int:
+    """The parent of ``--workers N``: bind, start the workers, keep them running."""
+    try:
+        plain = bind_sockets(args.host, args.port)
+        implicit = bind_sockets(args.host, args.tls_port) if args.tls_port is not None else []
+    except OSError as exc:
+        print(f"minismtp: error: {exc}", file=sys.stderr)
+        return 2
+    _announce(
+        [_address(sock) for sock in plain],
+        [_address(sock) for sock in implicit],
+        f"{loop_name}, {args.workers} workers",
+    )
+    sys.stdout.flush()
+    plain_fds = [sock.fileno() for sock in plain]
+    tls_fds = [sock.fileno() for sock in implicit]
+    supervisor = Supervisor(
+        worker_command(argv, plain_fds, tls_fds), args.workers, [*plain_fds, *tls_fds]
+    )
+    try:
+        return anyio.run(supervisor.run)
+    finally:
+        for sock in (*plain, *implicit):
+            sock.close()
+
+
+def _address(sock: socket.socket) -> tuple[str, int]:
+    host, port = sock.getsockname()[:2]
+    return str(host), int(port)
 
 
 def _reload(server: Server) -> None:
@@ -357,6 +472,7 @@ async def _hurry(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -372,12 +488,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())
     try:
         backend, backend_options, loop_name = choose_loop(args.loop)
+        # The parent of --workers loads the App too: a bad one is one line and exit 2 here.
         app, tls = _load(args)
+        _server_config(args)
     except UsageError as exc:
         if args.log_level == "debug" and exc.__cause__ is not None:
             traceback.print_exception(exc.__cause__)
         print(f"minismtp: error: {exc}", file=sys.stderr)
         return 2
+    if args.workers > 1 and args.worker_index is None:
+        return _supervise(argv, args, loop_name)
     try:
         result: int = anyio.run(
             _serve, app, tls, args, loop_name, backend=backend, backend_options=backend_options

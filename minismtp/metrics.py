@@ -26,7 +26,9 @@ class Metrics:
     """What the server has done since it started, per process.
 
     ``transactions`` counts finished mail transactions by the reply code that ended them: the
-    answer to the message content (DATA or the last BDAT), 2xx meaning accepted.
+    answer to the message content (DATA or the last BDAT), 2xx meaning accepted, whether the
+    App gave it or the engine did (a message too big); ``transactions_abandoned`` those that
+    ended without one (RSET, a new EHLO, a lost connection).
     ``channel_depth`` is read when the metrics are rendered, e.g.
     ``lambda: app.messages.statistics().current_buffer_used``.
     """
@@ -34,6 +36,7 @@ class Metrics:
     connections_open: int = 0
     connections_total: int = 0
     transactions: dict[int, int] = attrs.field(factory=dict)
+    transactions_abandoned: int = 0
     bytes_received: int = 0
     tls_sessions: int = 0
     hook_errors: int = 0
@@ -82,6 +85,12 @@ class Metrics:
                 f'minismtp_transactions_total{{code="{code}",result="{result}"}} '
                 f"{self.transactions[code]}"
             )
+        family(
+            "transactions_abandoned_total",
+            "counter",
+            "Mail transactions ended without a reply to their content (RSET, disconnect).",
+        )
+        lines.append(f"minismtp_transactions_abandoned_total {self.transactions_abandoned}")
         family("received_bytes_total", "counter", "Octets of SMTP received from clients.")
         lines.append(f"minismtp_received_bytes_total {self.bytes_received}")
         family("tls_sessions_total", "counter", "TLS handshakes completed (STARTTLS or implicit).")

@@ -33,6 +33,8 @@ import contextlib
 import functools
 import logging
 import os
+import re
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -43,15 +45,18 @@ from typing import Any, Literal, Protocol, cast
 import anyio
 import attrs
 from anyio.abc import ByteStream, SocketAttribute, SocketListener, TaskGroup
+from anyio.streams.buffered import BufferedByteStream
 from anyio.streams.memory import MemoryObjectReceiveStream
 from anyio.streams.tls import TLSAttribute
 
 from minismtp.app import App
 from minismtp.events import Connect, Data, Event, Mail
 from minismtp.ids import new_id
+from minismtp.metrics import Metrics
 from minismtp.protocol import NEED_DATA, Closed, Engine, Limits, StartTLS
+from minismtp.proxy import LOOPBACK, IPNetwork, ProxyError, is_trusted, read_proxy_header
 from minismtp.tls import TLSConfig, TLSHandshakeFailed, tls_info
-from minismtp.types import Message, Reply, Session, TLSInfo
+from minismtp.types import Message, Reply, Session, TLSInfo, Transaction
 
 log = logging.getLogger("minismtp.server")
 
@@ -63,6 +68,7 @@ TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again late
 TALKED_FIRST = Reply(554, "5.5.1", "Protocol error: talked before greeting")
 
 _NEVER = float("inf")
+_QUEUED_AS = re.compile(r"queued as (\S+)")
 # Session deadlines are ours alone (set here, checked by our clock task), so the cheapest
 # monotonic clock will do: anyio.current_time() looks the backend up on every call.
 _now = time.monotonic
@@ -98,6 +104,11 @@ class ServerConfig:
     # "auto": an asyncio Protocol on asyncio/uvloop, anyio streams elsewhere; "stream": anyio
     # streams everywhere (the portable path, for comparison and debugging).
     transport: Literal["auto", "stream"] = "auto"
+    # The PROXY protocol (v1 and v2): each connection must start with a header from one of
+    # the trusted proxies, naming the client; anything else is closed without a greeting.
+    proxy_protocol: bool = False
+    proxy_trusted: tuple[IPNetwork, ...] = LOOPBACK
+    proxy_timeout: float = 5.0  # a proxy sends its header at once
 
 
 @attrs.define(eq=False)
@@ -108,6 +119,7 @@ class Server:
     config: ServerConfig = attrs.field(factory=ServerConfig)
     tls: TLSConfig | None = None
     require_tls: bool = False
+    metrics: Metrics = attrs.field(factory=Metrics)
     addresses: list[tuple[str, int]] = attrs.field(factory=list)
     tls_addresses: list[tuple[str, int]] = attrs.field(factory=list)
     _listeners: list[tuple[SocketListener, bool]] = attrs.field(factory=list)
@@ -307,29 +319,64 @@ class Server:
     async def _handle(
         self, wire: _Wire, peer: tuple[str, int], local: tuple[str, int], implicit_tls: bool
     ) -> None:
-        session = Session(id=new_id(), hostname=self.app.hostname, peer=peer, local=local)
-        engine = Engine(
-            session,
-            self.app.limits,
-            tls_available=self.tls is not None,
-            require_tls=self.require_tls,
-        )
-        connection = _Connection(self, wire, engine)
-        self._connections.add(connection)
+        metrics = self.metrics
+        metrics.connection_opened()
+        connection: _Connection | None = None
         try:
+            if self.config.proxy_protocol:
+                addresses = await self._read_proxy_header(wire, peer, local)
+                if addresses is None:
+                    return
+                peer, local = addresses
+            session = Session(id=new_id(), hostname=self.app.hostname, peer=peer, local=local)
+            engine = Engine(
+                session,
+                self.app.limits,
+                tls_available=self.tls is not None,
+                require_tls=self.require_tls,
+            )
+            connection = _Connection(self, wire, engine)
+            self._connections.add(connection)
             with connection.cancel_scope:
                 await connection.run(implicit_tls)
             if connection.cancel_scope.cancelled_caught:
                 await connection.say_goodbye()
         except Exception:
             # A bug in one session must not take the server down with it.
-            log.exception("session %s from %s failed", session.id, session.peer_host)
+            log.exception("session from %s failed", peer[0])
         finally:
-            self._connections.discard(connection)
-            await connection.wire.aclose()
+            if connection is not None:
+                self._connections.discard(connection)
+                connection.transactions_ended()
+            await wire.aclose()
+            metrics.connection_closed()
             self._active -= 1
             if not self._active and self._idle is not None:
                 self._idle.set()
+
+    async def _read_proxy_header(
+        self, wire: _Wire, peer: tuple[str, int], local: tuple[str, int]
+    ) -> tuple[tuple[str, int], tuple[str, int]] | None:
+        """The PROXY protocol step, before the engine and before any TLS handshake.
+
+        Gives the client's address and the one it connected to, as the proxy says; or None
+        when the connection is to be closed without a greeting (logged). Whatever followed the
+        header goes back to the wire, for the engine or the implicit TLS handshake.
+        """
+        config = self.config
+        if not is_trusted(peer[0], config.proxy_trusted):
+            self.metrics.proxy_errors += 1
+            log.warning("connection from %s closed: not a trusted proxy (--proxy-trusted)", peer[0])
+            return None
+        try:
+            header, rest = await read_proxy_header(wire.receive, config.proxy_timeout)
+        except (ProxyError, anyio.ClosedResourceError, OSError) as exc:
+            self.metrics.proxy_errors += 1
+            log.info("connection from %s closed: %s", peer[0], exc)
+            return None
+        if rest:
+            wire.unread(rest)
+        return header.peer(peer), header.local(local)
 
 
 # -- wires: how bytes move --------------------------------------------------------------------
@@ -342,6 +389,9 @@ class _Wire(Protocol):
         """What the client sent next; ``b""`` once it has closed its side."""
 
     async def send(self, data: bytes) -> None: ...
+
+    def unread(self, data: bytes) -> None:
+        """Put ``data`` back in front of what comes next (bytes after a PROXY header)."""
 
     async def start_tls(self, tls: TLSConfig) -> TLSInfo:
         """The server side of a handshake; raises :class:`TLSHandshakeFailed`."""
@@ -364,6 +414,12 @@ class _StreamWire:
 
     async def send(self, data: bytes) -> None:
         await self.stream.send(data)
+
+    def unread(self, data: bytes) -> None:
+        # A buffered stream gives them to receive() and to the TLS handshake alike.
+        buffered = BufferedByteStream(self.stream)
+        buffered.feed_data(data)
+        self.stream = buffered
 
     async def start_tls(self, tls: TLSConfig) -> TLSInfo:
         self.stream = stream = await tls.handshake(self.stream)
@@ -455,6 +511,10 @@ class _ProtocolWire(asyncio.Protocol):
             self._transport.resume_reading()
         return data
 
+    def unread(self, data: bytes) -> None:
+        self._chunks.insert(0, data)
+        self._size += len(data)
+
     async def send(self, data: bytes) -> None:
         if self._lost or self._transport is None:
             raise anyio.BrokenResourceError("connection lost")
@@ -530,6 +590,7 @@ class _Connection:
     _receiving: bool = False  # inside DATA/BDAT content at the last read
     _data_credit: float = 0.0  # seconds the content may still take (the data-rate deadline)
     _transaction_started: float = 0.0
+    _content_reply: tuple[Transaction, Reply] | None = None  # the App's answer to the last Data
 
     def __attrs_post_init__(self) -> None:
         cap = self.server.config.max_session_duration
@@ -586,6 +647,8 @@ class _Connection:
                 if server._stopping and not engine.in_transaction:
                     engine.close(SHUTTING_DOWN)  # no-op once the engine is closed
                 event = engine.next_event()
+                if engine.finished:
+                    self.transactions_ended()
                 if event is NEED_DATA:
                     await self._send()
                     data = await self._receive()
@@ -601,7 +664,7 @@ class _Connection:
                     elif isinstance(event, Mail):
                         self._transaction_started = _now()
                     elif isinstance(event, Data):
-                        self._log_transaction(event, reply)
+                        self._content_reply = (event.transaction, reply)
                 elif isinstance(event, StartTLS):
                     await self._send()
                     if not await self._start_tls():
@@ -650,6 +713,7 @@ class _Connection:
         finally:
             self._reading = False
             self.deadline = _NEVER
+        self.server.metrics.bytes_received += len(data)
         if self._receiving:
             elapsed = _now() - started
             credit = self._data_credit - elapsed + len(data) / config.min_data_rate
@@ -698,6 +762,7 @@ class _Connection:
                 "session %s: TLS handshake with %s failed: %s", session.id, session.peer_host, exc
             )
             return False
+        self.server.metrics.tls_sessions += 1
         if implicit:
             # The session starts encrypted, before the greeting: nothing to reset.
             session.tls = info
@@ -705,27 +770,44 @@ class _Connection:
             self.engine.tls_started(info)
         return True
 
-    def _log_transaction(self, event: Data, reply: Reply) -> None:
-        # The App logs each message it accepts; this line adds the duration, and is the only
-        # one for a message refused at the end of DATA.
-        level = logging.DEBUG if 200 <= reply.code < 300 else logging.INFO
-        if not log.isEnabledFor(level):
-            return
-        session = event.session
-        transaction = event.transaction
-        log.log(
-            level,
-            "session %s from %s helo=%s from=<%s> to=%s size=%d reply=%d %s duration=%.3fs",
-            session.id,
-            session.peer_host,
-            session.helo_name,
-            transaction.mail_from,
-            ",".join(f"<{rcpt}>" for rcpt in transaction.rcpt_to),
-            len(event.data),
-            reply.code,
-            reply.lines[-1],
-            _now() - self._transaction_started,
-        )
+    def transactions_ended(self) -> None:
+        """Count and log the transactions the engine has ended since the last call.
+
+        The engine reports every one, whoever ended it: the App's answer to the content, a
+        refusal of its own (too big, bad line endings), an RSET or a lost connection (no
+        reply code: abandoned). One INFO line each.
+        """
+        engine = self.engine
+        finished, engine.finished = engine.finished, []
+        metrics = self.server.metrics
+        session = engine.session
+        for transaction in finished:
+            code = transaction.reply_code
+            if code is None:
+                metrics.transactions_abandoned += 1
+            else:
+                metrics.transaction_finished(code)
+            if not log.isEnabledFor(logging.INFO):
+                continue
+            message_id = "-"
+            content_reply = self._content_reply
+            if content_reply is not None and content_reply[0] is transaction:
+                if 200 <= content_reply[1].code < 300:
+                    queued = _QUEUED_AS.search(content_reply[1].lines[-1])
+                    message_id = queued[1] if queued else "-"
+                self._content_reply = None
+            log.info(
+                "session %s from %s helo=%s from=<%s> to=%s size=%d reply=%s id=%s duration=%.3fs",
+                session.id,
+                session.peer_host,
+                session.helo_name,
+                transaction.mail_from,
+                ",".join(f"<{rcpt}>" for rcpt in transaction.rcpt_to),
+                transaction.size,
+                code if code is not None else "abandoned",
+                message_id,
+                _now() - self._transaction_started,
+            )
 
 
 def _running_asyncio() -> bool:
@@ -763,22 +845,40 @@ async def serve(
     tls_port: int | None = None,
     require_tls: bool = False,
     config: ServerConfig | None = None,
+    metrics: Metrics | None = None,
+    sockets: Sequence[socket.socket] = (),
+    tls_sockets: Sequence[socket.socket] = (),
 ) -> AsyncIterator[Server]:
     """Serve ``app`` on ``host:port`` (and implicit TLS on ``tls_port``) for the ``with`` block.
 
     The listeners are bound before the App's startup hooks run (a port in use fails fast
     with :class:`OSError`). Leaving the block stops the server gracefully unless
     :meth:`Server.stop` already did; leaving it with an exception stops it at once.
+
+    ``sockets`` and ``tls_sockets`` are listening sockets bound already (a worker process
+    inherits them from ``minismtp run --workers``); with them, ``port`` and ``tls_port`` are
+    not bound. The counters go to ``metrics``, by default the App's own (``app.metrics``) if
+    it has one.
     """
-    if tls_port is not None and tls is None:
+    if (tls_port is not None or tls_sockets) and tls is None:
         raise ValueError("implicit TLS (tls_port) needs a certificate")
     if require_tls and tls is None:
         raise ValueError("require_tls needs a certificate")
-    server = Server(app, config or ServerConfig(), tls, require_tls)
+    if metrics is None:
+        metrics = getattr(app, "metrics", None)
+    if not isinstance(metrics, Metrics):
+        metrics = Metrics()
+    server = Server(app, config or ServerConfig(), tls, require_tls, metrics)
     try:
-        server._listeners += await _bind(host, port, False)
-        if tls_port is not None:
-            server._listeners += await _bind(host, tls_port, True)
+        if sockets:
+            for sock in sockets:
+                server._listeners.append((await SocketListener.from_socket(sock), False))
+            for sock in tls_sockets:
+                server._listeners.append((await SocketListener.from_socket(sock), True))
+        else:
+            server._listeners += await _bind(host, port, False)
+            if tls_port is not None:
+                server._listeners += await _bind(host, tls_port, True)
         for listener, implicit_tls in server._listeners:
             address = _ip_address(listener.extra(SocketAttribute.local_address))
             (server.tls_addresses if implicit_tls else server.addresses).append(address)

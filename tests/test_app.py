@@ -423,7 +423,7 @@ async def test_accepted_messages_wait_on_app_messages_without_consumers(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     app = App()
-    with caplog.at_level(logging.INFO, logger="minismtp.app"):
+    with caplog.at_level(logging.DEBUG, logger="minismtp.app"):
         async with TestClient(app) as client:
             for _ in range(3):
                 await one_message(client)

@@ -150,7 +150,7 @@ def test_default_app_stores_each_message_in_maildir_new(tmp_path: Path) -> None:
         assert content.startswith(b"Received: from ")
         assert b"by mx.cli.test with ESMTP" in content
         assert content.endswith(BODY)
-        server.wait_for("stderr", r"accepted \w+ .*from=<a@example\.com>")
+        server.wait_for("stderr", r"from=<a@example\.com> to=<b@example\.com> .*reply=250 id=\w+")
         assert server.stop() == 0
 
 
@@ -300,6 +300,9 @@ def test_factory(tmp_path: Path) -> None:
         ("--tls-port", "465"),
         ("--require-tls",),
         ("examples.hello:app", "--maildir", "box"),
+        ("--proxy-trusted", "10.0.0.0/8"),
+        ("--proxy-protocol", "--proxy-trusted", "10.1.2.3/8"),
+        ("--workers", "0"),
     ],
 )
 def test_bad_option_exits_2_with_one_line(args: tuple[str, ...]) -> None:
@@ -346,6 +349,8 @@ def test_help_explains_every_option() -> None:
         "--host", "--port", "--hostname", "--maildir", "--max-size", "--max-recipients",
         "--timeout", "--max-connections", "--log-level", "--factory", "--tls-cert",
         "--tls-key", "--tls-port", "--require-tls", "--loop", "--shutdown-grace",
+        "--proxy-protocol", "--proxy-trusted", "--proxy-timeout", "--workers", "--metrics-port",
+        "--metrics-host",
     ]  # fmt: skip
     for option in options:
         # The option, perhaps its metavar or choices, then at least four words saying what

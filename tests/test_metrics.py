@@ -10,6 +10,7 @@ import socket
 
 import anyio
 import pytest
+from conftest import Certificates, WireClient
 
 from minismtp.metrics import CONTENT_TYPE, MAX_REQUEST_HEAD, Metrics, http_response, serve_metrics
 
@@ -158,6 +159,10 @@ minismtp_connections_total 0
 # HELP minismtp_transactions_total Mail transactions finished, by the reply code to their \
 content (2xx: accepted).
 # TYPE minismtp_transactions_total counter
+# HELP minismtp_transactions_abandoned_total Mail transactions ended without a reply to their \
+content (RSET, disconnect).
+# TYPE minismtp_transactions_abandoned_total counter
+minismtp_transactions_abandoned_total 0
 # HELP minismtp_received_bytes_total Octets of SMTP received from clients.
 # TYPE minismtp_received_bytes_total counter
 minismtp_received_bytes_total 0
@@ -190,6 +195,7 @@ def test_counters_after_activity_render_exactly() -> None:
     metrics.connection_closed()
     for code in (250, 250, 552, 550, 250, 451):
         metrics.transaction_finished(code)
+    metrics.transactions_abandoned += 4
     metrics.bytes_received += 1234
     metrics.tls_sessions += 1
     metrics.hook_errors += 2
@@ -206,6 +212,7 @@ def test_counters_after_activity_render_exactly() -> None:
         'minismtp_transactions_total{code="451",result="rejected"} 1',
         'minismtp_transactions_total{code="550",result="rejected"} 1',
         'minismtp_transactions_total{code="552",result="rejected"} 1',
+        "minismtp_transactions_abandoned_total 4",
         "minismtp_received_bytes_total 1234",
         "minismtp_tls_sessions_total 1",
         "minismtp_hook_errors_total 2",
@@ -361,3 +368,91 @@ async def test_endpoint_survives_silent_oversized_and_vanishing_clients() -> Non
             )
             assert status == 200
             tg.cancel_scope.cancel()
+
+
+# --- a real server: the counters are exactly what happened ---------------------------------
+
+
+@pytest.mark.anyio
+async def test_server_counts_a_known_dialogue_exactly(certs: Certificates) -> None:
+    """Two connections: one with an accepted message, a message the engine refuses as too
+    big (552, RFC 1870), a transaction abandoned by RSET, a hook that raises (451) and a
+    STARTTLS; the other refused at MAIL. Then /metrics, parsed as exposition format."""
+    from minismtp.app import App
+    from minismtp.server import ServerConfig, serve
+    from minismtp.tls import TLSConfig
+    from minismtp.types import Address, Transaction
+
+    app = App(hostname="mx.test", max_size=100)
+
+    @app.on_rcpt
+    def explode(transaction: Transaction, rcpt: Address) -> None:
+        if rcpt.local_part == "boom":
+            raise RuntimeError("a bug in a hook")
+
+    sent = 0
+
+    async def say(client: WireClient, line: bytes) -> str:
+        nonlocal sent
+        sent += len(line)
+        await client.send(line)
+        return await client.reply()
+
+    tls = TLSConfig(certs.cert_path, certs.key_path)
+    with anyio.fail_after(20):
+        async with (
+            serve(app, "127.0.0.1", 0, tls=tls, config=ServerConfig(shutdown_grace=1)) as server,
+            anyio.create_task_group() as tg,
+        ):
+            assert server.metrics is app.metrics
+            metrics_port = await tg.start(serve_metrics, app.metrics, "127.0.0.1", 0)
+            client = WireClient(await anyio.connect_tcp("127.0.0.1", server.port))
+            assert (await client.reply()).startswith("220")
+            for line, code in [
+                (b"EHLO c\r\n", "250"),
+                (b"MAIL FROM:<a@example.com>\r\n", "250"),
+                (b"RCPT TO:<b@example.com>\r\n", "250"),
+                (b"DATA\r\n", "354"),
+                (b"Subject: x\r\n\r\nhi\r\n.\r\n", "250"),
+                (b"MAIL FROM:<a@example.com>\r\n", "250"),
+                (b"RCPT TO:<b@example.com>\r\n", "250"),
+                (b"DATA\r\n", "354"),
+                (b"x" * 200 + b"\r\n.\r\n", "552"),
+                (b"MAIL FROM:<a@example.com>\r\n", "250"),
+                (b"RCPT TO:<boom@example.com>\r\n", "451"),
+                (b"RSET\r\n", "250"),
+                (b"STARTTLS\r\n", "220"),
+            ]:
+                assert (await say(client, line)).startswith(code), line
+            await client.starttls(certs.client_context())
+            assert (await say(client, b"QUIT\r\n")).startswith("221")
+            await anyio.aclose_forcefully(client.stream)
+            async with await anyio.connect_tcp("127.0.0.1", server.port) as raw:
+                other = WireClient(raw)
+                assert (await other.reply()).startswith("220")
+                assert (await say(other, b"MAIL FROM:<a@example.com>\r\n")).startswith("503")
+                assert (await say(other, b"QUIT\r\n")).startswith("221")
+            await server.stop()  # returns once every connection is closed
+            response = await anyio.to_thread.run_sync(
+                raw_request, metrics_port, b"GET /metrics HTTP/1.0\r\n\r\n"
+            )
+            tg.cancel_scope.cancel()
+    status, _, body = parse_http(response)
+    assert status == 200
+    types, samples = parse_exposition(body.decode())
+    assert types["minismtp_transactions_total"] == "counter"
+    values = {name if not labels else f"{name}{dict(labels)['code']}": v
+              for (name, labels), v in samples.items()}  # fmt: skip
+    # The encrypted QUIT is counted as received too: bytes after decryption.
+    assert values == {
+        "minismtp_connections_open": 0,
+        "minismtp_connections_total": 2,
+        "minismtp_transactions_total250": 1,
+        "minismtp_transactions_total552": 1,
+        "minismtp_transactions_abandoned_total": 1,
+        "minismtp_received_bytes_total": sent,
+        "minismtp_tls_sessions_total": 1,
+        "minismtp_hook_errors_total": 1,
+        "minismtp_proxy_errors_total": 0,
+        "minismtp_channel_depth": 1,
+    }

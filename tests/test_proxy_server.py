@@ -1,0 +1,247 @@
+"""The server behind a load balancer: the PROXY protocol (HAProxy's spec, v1 and v2) as the
+step before the SMTP engine, on every backend and transport, with STARTTLS and implicit TLS."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import Any
+
+import anyio
+import pytest
+from anyio.abc import ByteStream
+from anyio.streams.tls import TLSStream
+from conftest import Certificates, Connect, WireClient, with_uvloop
+
+from minismtp.app import App
+from minismtp.proxy import V2_SIGNATURE, parse_networks
+from minismtp.server import Server, ServerConfig
+from minismtp.types import Session
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=with_uvloop(), scope="module")
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    return request.param
+
+
+@pytest.fixture
+def config() -> ServerConfig:
+    return ServerConfig(shutdown_grace=2.0, proxy_protocol=True, proxy_timeout=0.5)
+
+
+@pytest.fixture
+def sessions(app: App) -> list[Session]:
+    seen: list[Session] = []
+    app.on_connect(seen.append)
+    return seen
+
+
+def v2(command: int, family: int, payload: bytes = b"") -> bytes:
+    """A v2 header (spec 2.2): signature, version 2 and command, family, length, payload."""
+    return (
+        V2_SIGNATURE + bytes((0x20 | command, family)) + struct.pack("!H", len(payload)) + payload
+    )
+
+
+def inet(src: str, dst: str, sport: int, dport: int) -> bytes:
+    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    return s.packed + d.packed + struct.pack("!HH", sport, dport)
+
+
+REAL = object()  # the session keeps the real peer: 127.0.0.1
+HEADERS = {
+    "v1-tcp4": (b"PROXY TCP4 203.0.113.7 198.51.100.1 40000 25\r\n", ("203.0.113.7", 40000)),
+    "v1-tcp6": (b"PROXY TCP6 2001:db8::7 2001:db8::25 40001 25\r\n", ("2001:db8::7", 40001)),
+    "v1-unknown": (b"PROXY UNKNOWN\r\n", REAL),
+    "v2-tcp4": (v2(1, 0x11, inet("203.0.113.8", "198.51.100.1", 40002, 25)), ("203.0.113.8", 40002)),
+    "v2-tcp6": (v2(1, 0x21, inet("2001:db8::8", "2001:db8::25", 40003, 25)), ("2001:db8::8", 40003)),
+    "v2-local": (v2(0, 0x00), REAL),  # a health check from the balancer itself
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(HEADERS))
+async def test_header_sets_the_session_peer_and_the_rest_reaches_the_engine(
+    name: str, server: Server, sessions: list[Session], connect: Connect
+) -> None:
+    """The header and the first command in one segment: the peer is the proxied client and
+    the EHLO after the header is answered (the bytes are not dropped)."""
+    header, expected = HEADERS[name]
+    with anyio.fail_after(5):
+        async with connect(server.port) as client:
+            await client.send(header + b"EHLO client.example\r\n")
+            assert (await client.reply()).startswith("220 mx.test ESMTP")
+            assert (await client.reply()).startswith("250-mx.test")
+            (session,) = sessions
+            if expected is REAL:
+                assert session.peer[0] == "127.0.0.1" and session.peer[1] > 0
+                assert session.local == ("127.0.0.1", server.port)
+            else:
+                assert session.peer == expected
+                assert session.local[1] == 25
+    assert server.metrics.proxy_errors == 0
+
+
+async def test_received_header_names_the_proxied_client_rfc5321_4_4(
+    server: Server, connect: Connect
+) -> None:
+    with anyio.fail_after(5):
+        async with connect(server.port) as client:
+            await client.send(b"PROXY TCP4 203.0.113.9 198.51.100.1 40000 25\r\n")
+            assert (await client.reply()).startswith("220 ")
+            for line in (
+                "EHLO client.example",
+                "MAIL FROM:<a@example.com>",
+                "RCPT TO:<b@example.com>",
+            ):
+                assert (await client.command(line)).startswith("250")
+            assert (await client.command("DATA")).startswith("354")
+            assert (await client.command("Subject: hi\r\n\r\nproxied\r\n.")).startswith("250 2.0.0")
+    message = server.mail_rx.receive_nowait()
+    assert message.peer == ("203.0.113.9", 40000)
+    assert b"[203.0.113.9]" in message.data[: message.trace_length]
+
+
+BAD = {
+    "garbage": b"EHLO client.example\r\n",
+    "v1-bad-address": b"PROXY TCP4 203.0.113 198.51.100.1 40000 25\r\n",
+    "v1-too-long": b"PROXY TCP4 " + b"1" * 200 + b"\r\n",
+    "v2-oversized": V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", 60000),
+    "v2-bad-version": V2_SIGNATURE + b"\x31\x11\x00\x0c",
+}
+
+
+async def no_greeting(client: WireClient) -> None:
+    """The server closes the connection without sending a single byte."""
+    with anyio.fail_after(5):
+        assert await client.at_eof()
+    assert not client.buffer
+
+
+@pytest.mark.parametrize("name", list(BAD))
+async def test_bad_header_closed_without_greeting(
+    name: str, server: Server, sessions: list[Session], connect: Connect
+) -> None:
+    with anyio.fail_after(5):
+        async with connect(server.port) as client:
+            await client.send(BAD[name])
+            await no_greeting(client)
+    assert not sessions
+    assert server.metrics.proxy_errors == 1
+
+
+async def test_truncated_header_then_eof_closed_without_greeting(
+    server: Server, sessions: list[Session], connect: Connect
+) -> None:
+    with anyio.fail_after(5):
+        async with connect(server.port) as client:
+            await client.send(b"PROXY TCP4 203.0.113.7 ")
+            await client.stream.send_eof()  # type: ignore[attr-defined]
+            await no_greeting(client)
+    assert not sessions and server.metrics.proxy_errors == 1
+
+
+async def test_missing_header_closed_at_the_deadline_without_greeting(
+    server: Server, sessions: list[Session], connect: Connect
+) -> None:
+    """A client that waits for a greeting (no header) is closed after proxy_timeout."""
+    with anyio.fail_after(5):
+        async with connect(server.port) as client:
+            await no_greeting(client)
+    assert not sessions and server.metrics.proxy_errors == 1
+
+
+@pytest.mark.parametrize(
+    "config",
+    [ServerConfig(proxy_protocol=True, proxy_trusted=parse_networks(["10.0.0.0/8"]))],
+)
+async def test_untrusted_source_closed_without_greeting(
+    server: Server, sessions: list[Session], connect: Connect, caplog: pytest.LogCaptureFixture
+) -> None:
+    """127.0.0.1 is not a trusted proxy here: even a valid header is not believed."""
+    with anyio.fail_after(5):
+        async with connect(server.port) as client:
+            await client.send(HEADERS["v1-tcp4"][0] + b"EHLO client.example\r\n")
+            await no_greeting(client)
+    assert not sessions and server.metrics.proxy_errors == 1
+    assert "not a trusted proxy" in caplog.text
+
+
+async def test_starttls_behind_a_v2_header_rfc3207(
+    tls_server: Server, sessions: list[Session], connect: Connect, certs: Certificates
+) -> None:
+    header = v2(1, 0x11, inet("203.0.113.10", "198.51.100.1", 40010, 25))
+    with anyio.fail_after(5):
+        async with connect(tls_server.port) as client:
+            await client.send(header)
+            assert (await client.reply()).startswith("220 ")
+            assert "STARTTLS" in await client.command("EHLO client.example")
+            assert (await client.command("STARTTLS")).startswith("220 2.0.0")
+            await client.starttls(certs.client_context())
+            assert (await client.command("EHLO client.example")).startswith("250-mx.test")
+            (session,) = sessions
+            assert session.peer == ("203.0.113.10", 40010)
+            assert session.tls is not None
+    assert tls_server.metrics.tls_sessions == 1
+
+
+class _FirstWritePrefixed(ByteStream):
+    """A client stream whose first write carries the PROXY header in front of its data, as a
+    balancer may send the header and the ClientHello in one segment."""
+
+    def __init__(self, stream: ByteStream, prefix: bytes) -> None:
+        self._stream = stream
+        self._prefix = prefix
+
+    async def send(self, item: bytes) -> None:
+        item, self._prefix = self._prefix + item, b""
+        await self._stream.send(item)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self._stream.receive(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+async def test_implicit_tls_behind_a_v2_header_rfc8314(
+    tls_server: Server, sessions: list[Session], certs: Certificates
+) -> None:
+    """The ClientHello in the header's segment goes to the TLS handshake, not lost."""
+    assert tls_server.tls_port is not None
+    header = v2(1, 0x11, inet("203.0.113.11", "198.51.100.1", 40011, 465))
+    raw = await anyio.connect_tcp("127.0.0.1", tls_server.tls_port)
+    with anyio.fail_after(10):
+        stream = await TLSStream.wrap(
+            _FirstWritePrefixed(raw, header),
+            hostname="localhost",
+            ssl_context=certs.client_context(),
+            standard_compatible=False,
+        )
+        client = WireClient(stream)
+        try:
+            assert (await client.reply()).startswith("220 mx.test ESMTP")
+            assert (await client.command("EHLO client.example")).startswith("250-mx.test")
+        finally:
+            await anyio.aclose_forcefully(stream)
+    (session,) = sessions
+    assert session.peer == ("203.0.113.11", 40011)
+    assert session.tls is not None and session.tls.version.startswith("TLS")
+
+
+async def test_plain_client_on_the_tls_port_behind_a_header_is_refused(
+    tls_server: Server, sessions: list[Session], connect: Connect
+) -> None:
+    """Plaintext after the header where a ClientHello belongs: the handshake fails, no 220."""
+    assert tls_server.tls_port is not None
+    with anyio.fail_after(5):
+        async with connect(tls_server.tls_port) as client:
+            await client.send(HEADERS["v1-tcp4"][0] + b"EHLO client.example\r\n")
+            with anyio.fail_after(5):
+                while not await client.at_eof():
+                    client.buffer.clear()  # a TLS alert, perhaps; never a greeting
+    assert not sessions
