@@ -504,4 +504,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except KeyboardInterrupt:  # before the signal handlers were in place
         return 130
+    if args.worker_index is not None:
+        # The parent may pass on a signal that crossed our exit (systemd signals every process
+        # of the unit unless KillMode=mixed): the stop is done, it must not kill us now.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
     return result

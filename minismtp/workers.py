@@ -118,7 +118,9 @@ class Supervisor:
             finally:
                 del self._processes[index]
             if self._stopping:
-                self._exit_codes[index] = code
+                # Killed by the stop signal itself: it came before the worker had its signal
+                # handlers, which it sets before it listens, so it had served no one.
+                self._exit_codes[index] = 0 if -code in STOP_SIGNALS else code
                 return
             log.warning("worker %d (pid %d) exited with status %d; restarting it", index,
                         process.pid, code)  # fmt: skip
