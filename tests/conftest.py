@@ -21,6 +21,7 @@ from anyio.streams.tls import TLSStream
 from minismtp.app import App
 from minismtp.server import Server, ServerConfig, serve
 from minismtp.tls import TLSConfig
+from minismtp.types import Message
 
 
 @pytest.fixture(params=["asyncio", "trio"], scope="module")
@@ -178,3 +179,35 @@ def connect() -> Connect:
             await anyio.aclose_forcefully(client.stream)
 
     return connect
+
+
+def drain(server: Server) -> list[Message]:
+    """Every message the server has put on the channel so far."""
+    messages = []
+    while True:
+        try:
+            messages.append(server.mail_rx.receive_nowait())
+        except (anyio.WouldBlock, anyio.EndOfStream):
+            return messages
+
+
+class FirstWritePrefixed(ByteStream):
+    """A client stream whose first write carries the PROXY header in front of its data, as a
+    balancer may send the header and the ClientHello in one segment."""
+
+    def __init__(self, stream: ByteStream, prefix: bytes) -> None:
+        self._stream = stream
+        self._prefix = prefix
+
+    async def send(self, item: bytes) -> None:
+        item, self._prefix = self._prefix + item, b""
+        await self._stream.send(item)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self._stream.receive(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()

@@ -16,6 +16,7 @@ import pytest
 from anyio.abc import ByteStream, SocketAttribute
 from anyio.streams.buffered import BufferedByteStream
 from anyio.streams.tls import TLSStream
+from conftest import FirstWritePrefixed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -640,7 +641,7 @@ async def test_implicit_tls_behind_proxy_header() -> None:
             raw = await anyio.connect_tcp("127.0.0.1", port)
             # Send the header with the ClientHello, in one write, as a balancer may.
             client = await TLSStream.wrap(
-                _FirstWritePrefixed(raw, header),
+                FirstWritePrefixed(raw, header),
                 hostname="mx.example",
                 ssl_context=client_context,
                 standard_compatible=False,
@@ -652,24 +653,3 @@ async def test_implicit_tls_behind_proxy_header() -> None:
             tg.cancel_scope.cancel()
     assert seen[0][0].source == ("203.0.113.9", 50505)
     assert seen[0][1] == SMTP
-
-
-class _FirstWritePrefixed(ByteStream):
-    """A client stream whose first write carries the PROXY header in front of its data."""
-
-    def __init__(self, stream: ByteStream, prefix: bytes) -> None:
-        self._stream = stream
-        self._prefix = prefix
-
-    async def send(self, item: bytes) -> None:
-        item, self._prefix = self._prefix + item, b""
-        await self._stream.send(item)
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        return await self._stream.receive(max_bytes)
-
-    async def send_eof(self) -> None:
-        await self._stream.send_eof()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()

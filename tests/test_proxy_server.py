@@ -9,9 +9,8 @@ from typing import Any
 
 import anyio
 import pytest
-from anyio.abc import ByteStream
 from anyio.streams.tls import TLSStream
-from conftest import Certificates, Connect, WireClient, with_uvloop
+from conftest import Certificates, Connect, FirstWritePrefixed, WireClient, with_uvloop
 
 from minismtp.app import App
 from minismtp.proxy import V2_SIGNATURE, parse_networks
@@ -186,26 +185,7 @@ async def test_starttls_behind_a_v2_header_rfc3207(
     assert tls_server.metrics.tls_sessions == 1
 
 
-class _FirstWritePrefixed(ByteStream):
-    """A client stream whose first write carries the PROXY header in front of its data, as a
-    balancer may send the header and the ClientHello in one segment."""
 
-    def __init__(self, stream: ByteStream, prefix: bytes) -> None:
-        self._stream = stream
-        self._prefix = prefix
-
-    async def send(self, item: bytes) -> None:
-        item, self._prefix = self._prefix + item, b""
-        await self._stream.send(item)
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        return await self._stream.receive(max_bytes)
-
-    async def send_eof(self) -> None:
-        await self._stream.send_eof()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
 
 
 async def test_implicit_tls_behind_a_v2_header_rfc8314(
@@ -217,7 +197,7 @@ async def test_implicit_tls_behind_a_v2_header_rfc8314(
     raw = await anyio.connect_tcp("127.0.0.1", tls_server.tls_port)
     with anyio.fail_after(10):
         stream = await TLSStream.wrap(
-            _FirstWritePrefixed(raw, header),
+            FirstWritePrefixed(raw, header),
             hostname="localhost",
             ssl_context=certs.client_context(),
             standard_compatible=False,

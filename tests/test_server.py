@@ -11,7 +11,7 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import Connect, WireClient, with_uvloop
+from conftest import Connect, WireClient, drain, with_uvloop
 
 from minismtp.app import App
 from minismtp.events import Event, Mail
@@ -29,14 +29,7 @@ def anyio_backend(request: pytest.FixtureRequest) -> Any:
 BODY = b"From: a@example.com\r\nSubject: hello\r\n\r\nHello, world.\r\n"
 
 
-def drain(server: Server) -> list[Message]:
-    """Every message the server has put on the channel so far."""
-    messages = []
-    while True:
-        try:
-            messages.append(server.mail_rx.receive_nowait())
-        except (anyio.WouldBlock, anyio.EndOfStream):
-            return messages
+
 
 
 async def sendmail(port: int, sender: str, recipients: list[str], body: bytes = BODY) -> None:

@@ -11,12 +11,12 @@ from typing import Any
 import anyio
 import pytest
 import trustme
-from conftest import Certificates, Connect, WireClient, issue_certificates, with_uvloop
+from conftest import Certificates, Connect, WireClient, drain, issue_certificates, with_uvloop
 
 from minismtp.app import App
 from minismtp.server import Server, serve
 from minismtp.tls import TLSConfig
-from minismtp.types import Address, Message, Reply, Session, TLSInfo, Transaction
+from minismtp.types import Address, Reply, Session, TLSInfo, Transaction
 
 pytestmark = pytest.mark.anyio
 
@@ -29,13 +29,7 @@ def anyio_backend(request: pytest.FixtureRequest) -> Any:
 BODY = b"Subject: secret\r\n\r\nOver TLS.\r\n"
 
 
-def drain(server: Server) -> list[Message]:
-    messages = []
-    while True:
-        try:
-            messages.append(server.mail_rx.receive_nowait())
-        except (anyio.WouldBlock, anyio.EndOfStream):
-            return messages
+
 
 
 async def starttls(client: WireClient, certs: Certificates) -> None:
