@@ -19,8 +19,8 @@ import socket
 import ssl
 import sys
 import traceback
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 import attrs
@@ -51,34 +51,31 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"minismtp: error: {message} (see 'minismtp run --help')\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
-    return value
+N = TypeVar("N", int, float)
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"not a port number: {text}")
-    return value
+def _number(
+    convert: Callable[[str], N], what: str, accept: Callable[[N], bool], why: str
+) -> Callable[[str], N]:
+    """An argparse ``type`` that converts, then checks the range, with one-line errors."""
+
+    def parse(text: str) -> N:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"{why}: {text}")
+        return value
+
+    return parse
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text}")
-    return value
+_positive_int = _number(int, "a whole number", lambda value: value >= 1, "must be at least 1")
+_port = _number(int, "a port number", lambda value: 0 <= value <= 65535, "not a port number")
+_seconds = _number(
+    float, "a number of seconds", lambda value: value > 0, "must be more than 0 seconds"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
