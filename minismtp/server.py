@@ -17,10 +17,8 @@ What this layer owns, because it owns the clock and the sockets:
 - graceful shutdown: stop accepting, let transactions in progress finish within a grace
   period, answer ``421 4.3.2`` to what remains, then let the App drain its channel.
 
-Bytes move through a small transport (a "wire") so that each event loop gets its fastest
-path: anyio's streams on trio, and a plain ``asyncio.Protocol`` on asyncio and uvloop, where
-anyio's stream layer (pausing and resuming the socket and a checkpoint on every read and
-write) would cost about twice the CPU per message. The session logic is the same on both.
+Bytes move through a small transport (a "wire", see :mod:`minismtp.wires`) so that each
+event loop gets its fastest path; the session logic is the same on all of them.
 
 Use it as ``async with serve(app, host, port) as server:``, or through the seed's
 :class:`SmtpServer`.
@@ -40,14 +38,12 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, Protocol
 
 import anyio
 import attrs
-from anyio.abc import ByteStream, SocketAttribute, SocketListener, TaskGroup
-from anyio.streams.buffered import BufferedByteStream
+from anyio.abc import SocketAttribute, SocketListener, TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
-from anyio.streams.tls import TLSAttribute
 
 from minismtp.app import App
 from minismtp.events import Connect, Data, Event, Mail
@@ -55,8 +51,9 @@ from minismtp.ids import new_id
 from minismtp.metrics import Metrics
 from minismtp.protocol import NEED_DATA, Closed, Engine, Limits, StartTLS
 from minismtp.proxy import LOOPBACK, IPNetwork, ProxyError, is_trusted, read_proxy_header
-from minismtp.tls import TLSConfig, TLSHandshakeFailed, tls_info
-from minismtp.types import Message, Reply, Session, TLSInfo, Transaction
+from minismtp.tls import TLSConfig, TLSHandshakeFailed
+from minismtp.types import Message, Reply, Session, Transaction
+from minismtp.wires import ProtocolWire, StreamWire, Wire
 
 log = logging.getLogger("minismtp.server")
 
@@ -250,7 +247,9 @@ class Server:
             for listener, implicit_tls in self._listeners:
                 if not implicit_tls:
                     sock = listener.extra(SocketAttribute.raw_socket)
-                    factory = functools.partial(_ProtocolWire, self)
+                    factory = functools.partial(
+                        ProtocolWire, self._protocol_connection_made, self.config.read_size
+                    )
                     self._asyncio_servers.append(await loop.create_server(factory, sock=sock))
         async with anyio.create_task_group() as accepting:
             self._accepting = accepting.cancel_scope
@@ -284,10 +283,10 @@ class Server:
                 continue
             self._active += 1
             local = _ip_address(stream.extra(SocketAttribute.local_address))
-            wire = _StreamWire(stream, self.config.read_size)
+            wire = StreamWire(stream, self.config.read_size)
             connections.start_soon(self._handle, wire, peer, local, implicit_tls)
 
-    def _protocol_connection_made(self, wire: _ProtocolWire, transport: asyncio.Transport) -> None:
+    def _protocol_connection_made(self, wire: ProtocolWire, transport: asyncio.Transport) -> None:
         """The asyncio path's accept: called from ``connection_made``."""
         peer = _ip_address(transport.get_extra_info("peername"))
         if self._stopping or self._task_group is None:
@@ -317,7 +316,7 @@ class Server:
             self._refusals_logged_at = now
 
     async def _handle(
-        self, wire: _Wire, peer: tuple[str, int], local: tuple[str, int], implicit_tls: bool
+        self, wire: Wire, peer: tuple[str, int], local: tuple[str, int], implicit_tls: bool
     ) -> None:
         metrics = self.metrics
         metrics.connection_opened()
@@ -355,7 +354,7 @@ class Server:
                 self._idle.set()
 
     async def _read_proxy_header(
-        self, wire: _Wire, peer: tuple[str, int], local: tuple[str, int]
+        self, wire: Wire, peer: tuple[str, int], local: tuple[str, int]
     ) -> tuple[tuple[str, int], tuple[str, int]] | None:
         """The PROXY protocol step, before the engine and before any TLS handshake.
 
@@ -379,195 +378,6 @@ class Server:
         return header.peer(peer), header.local(local)
 
 
-# -- wires: how bytes move --------------------------------------------------------------------
-
-
-class _Wire(Protocol):
-    """A connection's bytes, whatever carries them."""
-
-    async def receive(self) -> bytes:
-        """What the client sent next; ``b""`` once it has closed its side."""
-
-    async def send(self, data: bytes) -> None: ...
-
-    def unread(self, data: bytes) -> None:
-        """Put ``data`` back in front of what comes next (bytes after a PROXY header)."""
-
-    async def start_tls(self, tls: TLSConfig) -> TLSInfo:
-        """The server side of a handshake; raises :class:`TLSHandshakeFailed`."""
-
-    async def aclose(self) -> None: ...
-
-
-@attrs.define(eq=False)
-class _StreamWire:
-    """anyio's streams: every backend (trio's fastest path)."""
-
-    stream: ByteStream
-    read_size: int
-
-    async def receive(self) -> bytes:
-        try:
-            return await self.stream.receive(self.read_size)
-        except anyio.EndOfStream:
-            return b""
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send(data)
-
-    def unread(self, data: bytes) -> None:
-        # A buffered stream gives them to receive() and to the TLS handshake alike.
-        buffered = BufferedByteStream(self.stream)
-        buffered.feed_data(data)
-        self.stream = buffered
-
-    async def start_tls(self, tls: TLSConfig) -> TLSInfo:
-        self.stream = stream = await tls.handshake(self.stream)
-        return tls_info(stream.extra(TLSAttribute.ssl_object))
-
-    async def aclose(self) -> None:
-        await anyio.aclose_forcefully(self.stream)
-
-
-class _ProtocolWire(asyncio.Protocol):
-    """A plain ``asyncio.Protocol`` (asyncio and uvloop): the loop calls it with each chunk
-    and the connection task takes whatever has arrived, without a stream layer in between.
-
-    Reading pauses while ``read_size`` bytes wait unread, so memory stays bounded; writes
-    wait for the transport's buffer to drain (``pause_writing``/``resume_writing``).
-    """
-
-    def __init__(self, server: Server) -> None:
-        self._server = server
-        self._limit = server.config.read_size
-        self._transport: asyncio.Transport | None = None
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._paused = False
-        self._eof = False
-        self._lost = False
-        self._tls = False
-        self._reader: asyncio.Future[None] | None = None
-        self._drained: asyncio.Future[None] | None = None
-
-    # -- the loop's side
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports quack like asyncio.Transport without subclassing it.
-        self._transport = cast(asyncio.Transport, transport)
-        self._server._protocol_connection_made(self, self._transport)
-
-    def data_received(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._size += len(data)
-        if self._size >= self._limit and not self._paused and self._transport is not None:
-            self._paused = True
-            self._transport.pause_reading()
-        self._wake_reader()
-
-    def eof_received(self) -> bool:
-        self._eof = True
-        self._wake_reader()
-        # Keep a plain connection open for our last reply; TLS closes on its own.
-        return not self._tls
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = self._eof = True
-        self._wake_reader()
-        drained, self._drained = self._drained, None
-        if drained is not None and not drained.done():
-            drained.set_result(None)
-
-    def pause_writing(self) -> None:
-        self._drained = asyncio.get_running_loop().create_future()
-
-    def resume_writing(self) -> None:
-        drained, self._drained = self._drained, None
-        if drained is not None and not drained.done():
-            drained.set_result(None)
-
-    def _wake_reader(self) -> None:
-        reader = self._reader
-        if reader is not None and not reader.done():
-            reader.set_result(None)
-
-    # -- the connection task's side
-
-    async def receive(self) -> bytes:
-        while not self._chunks:
-            if self._eof:
-                return b""
-            self._reader = asyncio.get_running_loop().create_future()
-            try:
-                await self._reader
-            finally:
-                self._reader = None
-        chunks = self._chunks
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self._chunks = []
-        self._size = 0
-        if self._paused and self._transport is not None:
-            self._paused = False
-            self._transport.resume_reading()
-        return data
-
-    def unread(self, data: bytes) -> None:
-        self._chunks.insert(0, data)
-        self._size += len(data)
-
-    async def send(self, data: bytes) -> None:
-        if self._lost or self._transport is None:
-            raise anyio.BrokenResourceError("connection lost")
-        self._transport.write(data)
-        if self._drained is not None:
-            await self._drained
-            if self._lost:
-                raise anyio.BrokenResourceError("connection lost")
-
-    async def start_tls(self, tls: TLSConfig) -> TLSInfo:
-        # Whatever came in the clear after STARTTLS is dropped here, as in the engine.
-        self._chunks = []
-        self._size = 0
-        if self._paused and self._transport is not None:
-            self._paused = False
-            self._transport.resume_reading()
-        if self._lost or self._transport is None:
-            raise TLSHandshakeFailed("connection lost")
-        loop = asyncio.get_running_loop()
-        try:
-            with anyio.fail_after(tls.handshake_timeout):
-                transport = await loop.start_tls(
-                    self._transport,
-                    self,
-                    tls.context,
-                    server_side=True,
-                    # Our own deadline decides; this one only backs it up.
-                    ssl_handshake_timeout=tls.handshake_timeout + 1,
-                )
-        except ssl.SSLError as exc:
-            raise TLSHandshakeFailed(exc.reason or str(exc)) from None
-        except TimeoutError:
-            raise TLSHandshakeFailed(f"timed out after {tls.handshake_timeout:g} s") from None
-        except (OSError, RuntimeError) as exc:
-            raise TLSHandshakeFailed(f"connection lost ({type(exc).__name__})") from None
-        if transport is None or self._lost:
-            raise TLSHandshakeFailed("connection lost")
-        self._transport = transport
-        self._tls = True
-        return tls_info(transport.get_extra_info("ssl_object"))
-
-    async def aclose(self) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        if transport.get_write_buffer_size():
-            # The kernel's buffer is full too: the client is not reading, and close() would
-            # wait for it forever.
-            transport.abort()
-        else:
-            transport.close()
-
-
 @attrs.define(eq=False)
 class _Connection:
     """One client connection: the driving loop of the engine, with its clocks.
@@ -579,7 +389,7 @@ class _Connection:
     """
 
     server: Server
-    wire: _Wire
+    wire: Wire
     engine: Engine
     cancel_scope: anyio.CancelScope = attrs.field(factory=anyio.CancelScope)
     deadline: float = _NEVER
