@@ -334,6 +334,7 @@ class App:
         except (OSError, anyio.ClosedResourceError, anyio.BrokenResourceError):
             logger.exception("could not hand over message %s; answered 451", message.id)
             return LOCAL_ERROR
+        event.transaction.message_id = message.id
         if self._watchers:
             watcher = self._watchers.get(event.session)
             if watcher is not None:

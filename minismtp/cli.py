@@ -25,7 +25,7 @@ from typing import Any, NoReturn, TypeVar
 import anyio
 import attrs
 
-from minismtp import __version__
+from minismtp import __version__, logs
 from minismtp.app import default_app
 from minismtp.metrics import serve_metrics
 from minismtp.proxy import LOOPBACK, parse_networks
@@ -475,11 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_usage(sys.stderr)
         return 2
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(args.log_level)
     # As uvicorn does: ``minismtp run myapp:app`` finds myapp.py where the user stands.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

@@ -164,7 +164,7 @@ class Engine:
         self.finished: list[Transaction] = []
         self._state = _State.CONNECT
         self._buf = bytearray()
-        self._out = bytearray()
+        self._out: list[bytes] = []  # replies queued, sent in one write
         self._pending: Event | None = None
         self._eof = False
         self._errors = 0
@@ -215,9 +215,12 @@ class Engine:
             self._buf += data
 
     def data_to_send(self) -> bytes:
-        out = bytes(self._out)
-        self._out.clear()
-        return out
+        out = self._out
+        if len(out) == 1:  # the usual case: one reply, written without a copy
+            self._out = []
+            return out[0]
+        self._out = []
+        return b"".join(out)
 
     def next_event(self) -> Event | NeedData | StartTLS | Closed:
         if self._pending is not None:
@@ -248,30 +251,30 @@ class Engine:
         if event is None:
             raise RuntimeError("no event is waiting for a reply")
         accepted = 200 <= reply.code < 300
-        if isinstance(event, Connect):
-            self._out += bytes(reply)
-            self._state = _State.COMMAND if accepted else _State.CLOSED
-        elif isinstance(event, Helo):
-            self._out += bytes(reply)
-            if accepted:
-                self.session.helo_name = event.name
-                self.session.esmtp = event.esmtp
-                self._reset_transaction()
-        elif isinstance(event, Mail):
-            self._out += _reply_with_status(reply)
-            if accepted:
-                self.transaction = event.transaction
-        elif isinstance(event, Rcpt):
-            self._out += _reply_with_status(reply)
+        if isinstance(event, Rcpt):
+            self._out.append(_reply_with_status(reply))
             if accepted:
                 event.transaction.rcpt_to.append(event.address)
                 event.transaction.rcpt_params.append(event.params)
+        elif isinstance(event, Mail):
+            self._out.append(_reply_with_status(reply))
+            if accepted:
+                self.transaction = event.transaction
         elif isinstance(event, Data):
-            self._out += _reply_with_status(reply)
+            self._out.append(_reply_with_status(reply))
             if accepted:
                 self.session.transactions += 1
                 self._junk = 0
             self._reset_transaction(reply.code)
+        elif isinstance(event, Helo):
+            self._out.append(bytes(reply))
+            if accepted:
+                self.session.helo_name = event.name
+                self.session.esmtp = event.esmtp
+                self._reset_transaction()
+        elif isinstance(event, Connect):
+            self._out.append(bytes(reply))
+            self._state = _State.COMMAND if accepted else _State.CLOSED
         if reply.code == 421:
             self._state = _State.CLOSED
 
@@ -289,7 +292,7 @@ class Engine:
     def close(self, reply: Reply | None = None) -> None:
         """End the session from the server's side (timeout, shutdown), with a last reply."""
         if self._state is not _State.CLOSED and reply is not None:
-            self._out += bytes(reply)
+            self._out.append(bytes(reply))
         self._reset_transaction()
         self._state = _State.CLOSED
         self._pending = None
@@ -339,22 +342,22 @@ class Engine:
         return _CLOSED
 
     def _reply(self, reply: bytes) -> None:
-        self._out += reply
+        self._out.append(reply)
 
     def _error(self, reply: bytes) -> Closed | None:
-        self._out += reply
+        self._out.append(reply)
         self._errors += 1
         if self._errors >= self.limits.max_errors:
-            self._out += TOO_MANY_ERRORS
+            self._out.append(TOO_MANY_ERRORS)
             self._state = _State.CLOSED
             return _CLOSED
         return None
 
     def _junk_command(self, reply: bytes) -> Closed | None:
-        self._out += reply
+        self._out.append(reply)
         self._junk += 1
         if self._junk > self.limits.max_junk_commands:
-            self._out += TOO_MANY_JUNK
+            self._out.append(TOO_MANY_JUNK)
             self._state = _State.CLOSED
             return _CLOSED
         return None

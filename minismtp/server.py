@@ -31,7 +31,6 @@ import contextlib
 import functools
 import logging
 import os
-import re
 import socket
 import ssl
 import time
@@ -46,13 +45,13 @@ from anyio.abc import SocketAttribute, SocketListener, TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from minismtp.app import App
-from minismtp.events import Connect, Data, Event, Mail
+from minismtp.events import Connect, Event, Mail
 from minismtp.ids import new_id
 from minismtp.metrics import Metrics
 from minismtp.protocol import NEED_DATA, Closed, Engine, Limits, StartTLS
 from minismtp.proxy import LOOPBACK, IPNetwork, ProxyError, is_trusted, read_proxy_header
 from minismtp.tls import TLSConfig, TLSHandshakeFailed
-from minismtp.types import Message, Reply, Session, Transaction
+from minismtp.types import Message, Reply, Session
 from minismtp.wires import ProtocolWire, StreamWire, Wire
 
 log = logging.getLogger("minismtp.server")
@@ -65,7 +64,6 @@ TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again late
 TALKED_FIRST = Reply(554, "5.5.1", "Protocol error: talked before greeting")
 
 _NEVER = float("inf")
-_QUEUED_AS = re.compile(r"queued as (\S+)")
 # Session deadlines are ours alone (set here, checked by our clock task), so the cheapest
 # monotonic clock will do: anyio.current_time() looks the backend up on every call.
 _now = time.monotonic
@@ -400,7 +398,6 @@ class _Connection:
     _receiving: bool = False  # inside DATA/BDAT content at the last read
     _data_credit: float = 0.0  # seconds the content may still take (the data-rate deadline)
     _transaction_started: float = 0.0
-    _content_reply: tuple[Transaction, Reply] | None = None  # the App's answer to the last Data
 
     def __attrs_post_init__(self) -> None:
         cap = self.server.config.max_session_duration
@@ -460,7 +457,9 @@ class _Connection:
                 if engine.finished:
                     self.transactions_ended()
                 if event is NEED_DATA:
-                    await self._send()
+                    out = engine.data_to_send()
+                    if out:
+                        await self._send(out)
                     data = await self._receive()
                     if data is not None:
                         engine.receive_data(data)
@@ -473,28 +472,24 @@ class _Connection:
                             await self._delay_greeting(float(delay))
                     elif isinstance(event, Mail):
                         self._transaction_started = _now()
-                    elif isinstance(event, Data):
-                        self._content_reply = (event.transaction, reply)
                 elif isinstance(event, StartTLS):
-                    await self._send()
+                    await self._send(engine.data_to_send())
                     if not await self._start_tls():
                         return
                 else:
                     assert isinstance(event, Closed)
-                    await self._send()
+                    await self._send(engine.data_to_send())
                     return
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError) as exc:
             log.debug("session %s: connection lost: %r", session.id, exc)
 
-    async def _send(self) -> None:
-        out = self.engine.data_to_send()
-        if out:
-            # A client that does not read its replies must not hold the slot forever.
-            self.deadline = _now() + self.server.config.idle_timeout
-            try:
-                await self.wire.send(out)
-            finally:
-                self.deadline = _NEVER
+    async def _send(self, out: bytes) -> None:
+        # A client that does not read its replies must not hold the slot forever.
+        self.deadline = _now() + self.server.config.idle_timeout
+        try:
+            await self.wire.send(out)
+        finally:
+            self.deadline = _NEVER
 
     async def _receive(self) -> bytes | None:
         """The client's next bytes (``b""`` at its EOF), or None when the engine was closed
@@ -599,13 +594,6 @@ class _Connection:
                 metrics.transaction_finished(code)
             if not log.isEnabledFor(logging.INFO):
                 continue
-            message_id = "-"
-            content_reply = self._content_reply
-            if content_reply is not None and content_reply[0] is transaction:
-                if 200 <= content_reply[1].code < 300:
-                    queued = _QUEUED_AS.search(content_reply[1].lines[-1])
-                    message_id = queued[1] if queued else "-"
-                self._content_reply = None
             log.info(
                 "session %s from %s helo=%s from=<%s> to=%s size=%d reply=%s id=%s duration=%.3fs",
                 session.id,
@@ -615,7 +603,7 @@ class _Connection:
                 ",".join(f"<{rcpt}>" for rcpt in transaction.rcpt_to),
                 transaction.size,
                 code if code is not None else "abandoned",
-                message_id,
+                transaction.message_id or "-",
                 _now() - self._transaction_started,
             )
 

@@ -175,6 +175,7 @@ class Transaction:
     extras: dict[str, Any] = attrs.field(factory=dict)
     size: int = 0  # octets of content, once it is complete
     reply_code: int | None = None  # the reply that ended it; None while open, or if abandoned
+    message_id: str | None = None  # the id of the message the App accepted from it
 
     @property
     def declared_size(self) -> int | None:

@@ -84,6 +84,8 @@ class ProtocolWire(asyncio.Protocol):
         self._on_connection_made = on_connection_made
         self._limit = read_size
         self._transport: asyncio.Transport | None = None
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on every call.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._chunks: list[bytes] = []
         self._size = 0
         self._paused = False
@@ -98,6 +100,7 @@ class ProtocolWire(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports quack like asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
+        self._loop = asyncio.get_running_loop()
         self._on_connection_made(self, self._transport)
 
     def data_received(self, data: bytes) -> None:
@@ -122,7 +125,8 @@ class ProtocolWire(asyncio.Protocol):
             drained.set_result(None)
 
     def pause_writing(self) -> None:
-        self._drained = asyncio.get_running_loop().create_future()
+        assert self._loop is not None
+        self._drained = self._loop.create_future()
 
     def resume_writing(self) -> None:
         drained, self._drained = self._drained, None
@@ -140,7 +144,8 @@ class ProtocolWire(asyncio.Protocol):
         while not self._chunks:
             if self._eof:
                 return b""
-            self._reader = asyncio.get_running_loop().create_future()
+            assert self._loop is not None
+            self._reader = self._loop.create_future()
             try:
                 await self._reader
             finally:
