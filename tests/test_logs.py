@@ -1,0 +1,87 @@
+"""The CLI's log handler: lines are batched, but none is lost and problems show at once."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+
+import pytest
+
+from minismtp.logs import BatchingHandler, Formatter
+
+
+class WatchedStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = threading.Event()
+
+    def write(self, text: str) -> int:
+        count = super().write(text)
+        self.written.set()
+        return count
+
+
+def make_logger(stream: io.StringIO, interval: float) -> tuple[logging.Logger, BatchingHandler]:
+    handler = BatchingHandler(stream, interval=interval)
+    handler.setFormatter(Formatter())
+    logger = logging.getLogger(f"minismtp.test.{id(handler)}")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    return logger, handler
+
+
+def test_info_lines_wait_for_the_batch_and_come_out_in_order() -> None:
+    stream = WatchedStream()
+    logger, handler = make_logger(stream, interval=3600)
+    try:
+        for number in range(3):
+            logger.info("transaction %d", number)
+        assert stream.getvalue() == ""  # batched: not one write per line
+        handler.flush()
+        lines = stream.getvalue().splitlines()
+        assert [line.split(": ", 1)[1] for line in lines] == [f"transaction {n}" for n in range(3)]
+        assert all(" INFO minismtp.test." in line for line in lines)
+    finally:
+        handler.close()
+
+
+def test_a_warning_is_written_at_once_with_the_lines_before_it() -> None:
+    stream = WatchedStream()
+    logger, handler = make_logger(stream, interval=3600)
+    try:
+        logger.info("before")
+        logger.warning("trouble")
+        assert stream.getvalue().splitlines()[0].endswith("INFO " + logger.name + ": before")
+        assert stream.getvalue().splitlines()[1].endswith("WARNING " + logger.name + ": trouble")
+    finally:
+        handler.close()
+
+
+def test_lines_are_written_within_the_interval_without_further_logging() -> None:
+    stream = WatchedStream()
+    logger, handler = make_logger(stream, interval=0.05)
+    try:
+        logger.info("quiet server")
+        assert stream.written.wait(timeout=10), "the flusher thread never wrote the line"
+        assert stream.getvalue().endswith(": quiet server\n")
+    finally:
+        handler.close()
+
+
+def test_close_writes_what_is_left() -> None:
+    stream = WatchedStream()
+    logger, handler = make_logger(stream, interval=3600)
+    logger.info("last words")
+    handler.close()
+    assert stream.getvalue().endswith(": last words\n")
+
+
+@pytest.mark.parametrize("created", [1_700_000_000.0, 1_700_000_000.25, 1_700_000_001.999])
+def test_the_date_matches_the_standard_formatter(created: float) -> None:
+    record = logging.LogRecord("minismtp", logging.INFO, __file__, 1, "x", None, None)
+    record.created = created
+    record.msecs = (created - int(created)) * 1000
+    standard = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    assert Formatter().format(record) == standard.format(record)
