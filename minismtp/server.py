@@ -47,6 +47,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from minismtp.app import App
 from minismtp.events import Connect, Event, Mail
 from minismtp.ids import new_id
+from minismtp.logs import InfoLine
 from minismtp.metrics import Metrics
 from minismtp.protocol import NEED_DATA, Closed, Engine, Limits, StartTLS
 from minismtp.proxy import LOOPBACK, IPNetwork, ProxyError, is_trusted, read_proxy_header
@@ -55,6 +56,7 @@ from minismtp.types import Message, Reply, Session
 from minismtp.wires import ProtocolWire, StreamWire, Wire
 
 log = logging.getLogger("minismtp.server")
+_transaction_line = InfoLine(log)
 
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 DATA_TOO_SLOW = Reply(421, "4.4.2", "Data rate too low, closing connection")
@@ -594,17 +596,13 @@ class _Connection:
                 metrics.transaction_finished(code)
             if not log.isEnabledFor(logging.INFO):
                 continue
-            log.info(
-                "session %s from %s helo=%s from=<%s> to=%s size=%d reply=%s id=%s duration=%.3fs",
-                session.id,
-                session.peer_host,
-                session.helo_name,
-                transaction.mail_from,
-                ",".join(f"<{rcpt}>" for rcpt in transaction.rcpt_to),
-                transaction.size,
-                code if code is not None else "abandoned",
-                transaction.message_id or "-",
-                _now() - self._transaction_started,
+            recipients = ",".join(f"<{rcpt}>" for rcpt in transaction.rcpt_to)
+            _transaction_line(
+                f"session {session.id} from {session.peer[0]} helo={session.helo_name} "
+                f"from=<{transaction.mail_from}> to={recipients} size={transaction.size} "
+                f"reply={code if code is not None else 'abandoned'} "
+                f"id={transaction.message_id or '-'} "
+                f"duration={_now() - self._transaction_started:.3f}s"
             )
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 
 import pytest
 
-from minismtp.logs import BatchingHandler, Formatter
+from minismtp.logs import BatchingHandler, Formatter, InfoLine
 
 
 class WatchedStream(io.StringIO):
@@ -85,3 +86,43 @@ def test_the_date_matches_the_standard_formatter(created: float) -> None:
     record.msecs = (created - int(created)) * 1000
     standard = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     assert Formatter().format(record) == standard.format(record)
+
+
+class Keep(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_an_info_line_is_a_complete_record_like_logger_info_makes() -> None:
+    logger = logging.getLogger("minismtp.test.info_line")
+    logger.propagate = False
+    keep = Keep()
+    logger.addHandler(keep)
+    logger.setLevel(logging.INFO)
+    line = InfoLine(logger)
+    before = time.time()
+    line("first transaction")
+    line("second transaction")
+    logger.info("made by %s", "logger.info")
+    first, second, usual = keep.records
+    assert [first.getMessage(), second.getMessage()] == ["first transaction", "second transaction"]
+    assert set(first.__dict__) == set(usual.__dict__)
+    assert first.funcName == "test_an_info_line_is_a_complete_record_like_logger_info_makes"
+    assert first.pathname == usual.pathname and first.process == usual.process
+    assert first.levelno == logging.INFO and first.levelname == "INFO"
+    assert before <= first.created <= second.created <= usual.created
+    assert second.msecs == pytest.approx((second.created % 1) * 1000)
+
+
+def test_an_info_line_below_the_level_makes_no_record() -> None:
+    logger = logging.getLogger("minismtp.test.info_line_quiet")
+    logger.propagate = False
+    keep = Keep()
+    logger.addHandler(keep)
+    logger.setLevel(logging.WARNING)
+    InfoLine(logger)("not wanted")
+    assert keep.records == []
