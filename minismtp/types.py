@@ -79,12 +79,15 @@ class Reply:
         wire = self._wire
         if wire is None:
             prefix = f"{self.status} " if self.status else ""
-            lines = self.lines
-            last = len(lines) - 1
-            wire = "".join(
-                f"{self.code}{' ' if i == last else '-'}{prefix}{line}\r\n"
-                for i, line in enumerate(lines)
-            ).encode("utf-8")
+            text = self.text
+            if isinstance(text, str):  # most replies: one line
+                wire = f"{self.code} {prefix}{text}\r\n".encode()
+            else:
+                last = len(text) - 1
+                wire = "".join(
+                    f"{self.code}{' ' if i == last else '-'}{prefix}{line}\r\n"
+                    for i, line in enumerate(text)
+                ).encode()
             # Replies are mostly constants answered again and again: encode each once.
             object.__setattr__(self, "_wire", wire)
         return wire
