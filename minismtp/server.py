@@ -34,10 +34,10 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Generator, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import anyio
 import attrs
@@ -49,7 +49,7 @@ from minismtp.events import Connect, Event, Mail
 from minismtp.ids import new_id
 from minismtp.logs import InfoLine
 from minismtp.metrics import Metrics
-from minismtp.protocol import NEED_DATA, Closed, Engine, Limits, StartTLS
+from minismtp.protocol import NEED_DATA, Closed, Engine, Limits, NeedData, StartTLS
 from minismtp.proxy import LOOPBACK, IPNetwork, ProxyError, is_trusted, read_proxy_header
 from minismtp.tls import TLSConfig, TLSHandshakeFailed
 from minismtp.types import Message, Reply, Session
@@ -378,6 +378,51 @@ class Server:
         return header.peer(peer), header.local(local)
 
 
+# Running App code from a Protocol callback as if in the connection's task (see
+# _Connection._read_inline) needs asyncio's own way to say which task is running.
+_enter_task = getattr(asyncio.tasks, "_enter_task", None)
+_leave_task = getattr(asyncio.tasks, "_leave_task", None)
+
+
+@attrs.frozen
+class _AppCall:
+    """An App call that did not finish at once: awaiting this finishes it in the caller's task.
+
+    The call was started by hand (``call.send(None)``) and stopped at ``waiting_on``, what its
+    innermost await waits for (a future, a trio trap). Awaiting passes that on to the task's
+    scheduler, then sends or throws the outcome into the call, until it returns.
+    """
+
+    event: Event
+    call: Coroutine[Any, Any, Reply]
+    waiting_on: Any
+
+    def __await__(self) -> Generator[Any, Any, Reply]:
+        call, waiting_on = self.call, self.waiting_on
+        while True:
+            try:
+                sent = yield waiting_on
+            except BaseException as exc:  # cancellation included: passed on
+                try:
+                    waiting_on = call.throw(exc)
+                except StopIteration as done:
+                    return cast(Reply, done.value)
+            else:
+                try:
+                    waiting_on = call.send(sent)
+                except StopIteration as done:
+                    return cast(Reply, done.value)
+
+
+class _Flush:
+    """The replies are written, but the transport is full: wait until it takes them."""
+
+
+_FLUSH = _Flush()
+
+_Step = NeedData | _AppCall | _Flush | Event | StartTLS | Closed | BaseException
+
+
 @attrs.define(eq=False)
 class _Connection:
     """One client connection: the driving loop of the engine, with its clocks.
@@ -400,6 +445,10 @@ class _Connection:
     _receiving: bool = False  # inside DATA/BDAT content at the last read
     _data_credit: float = 0.0  # seconds the content may still take (the data-rate deadline)
     _transaction_started: float = 0.0
+    _read_started: float = 0.0
+    _step: _Step | None = None  # what the task must do next, left by _read_inline
+    _task: asyncio.Task[Any] | None = None  # the connection's task (asyncio only)
+    _reading_inline: bool = False  # the task waits in _receive: _read_inline may take bytes
 
     def __attrs_post_init__(self) -> None:
         cap = self.server.config.max_session_duration
@@ -447,43 +496,116 @@ class _Connection:
     async def run(self, implicit_tls: bool) -> None:
         engine = self.engine
         session = engine.session
-        server = self.server
-        app = server.app
         try:
             if implicit_tls and not await self._start_tls(implicit=True):
                 return
+            if isinstance(self.wire, ProtocolWire) and _enter_task is not None:
+                self._task = asyncio.current_task()
+                self.wire.inline_reader = self._read_inline
             while True:
-                if server._stopping and not engine.in_transaction:
-                    engine.close(SHUTTING_DOWN)  # no-op once the engine is closed
-                event = engine.next_event()
-                if engine.finished:
-                    self.transactions_ended()
-                if event is NEED_DATA:
+                step, self._step = self._step or self._advance(), None
+                if step is NEED_DATA:
                     out = engine.data_to_send()
                     if out:
                         await self._send(out)
                     data = await self._receive()
                     if data is not None:
                         engine.receive_data(data)
-                elif isinstance(event, Event):
-                    reply = await app(event)
+                elif isinstance(step, _AppCall):
+                    self._answer(step.event, await step)
+                elif step is _FLUSH:
+                    await self._send(b"")
+                elif isinstance(step, Connect):
+                    reply = await self.server.app(step)
                     engine.respond(reply)
-                    if isinstance(event, Connect):
-                        delay = session.extras.get("greeting_delay")
-                        if delay and 200 <= reply.code < 300:
-                            await self._delay_greeting(float(delay))
-                    elif isinstance(event, Mail):
-                        self._transaction_started = _now()
-                elif isinstance(event, StartTLS):
+                    delay = session.extras.get("greeting_delay")
+                    if delay and 200 <= reply.code < 300:
+                        await self._delay_greeting(float(delay))
+                elif isinstance(step, StartTLS):
                     await self._send(engine.data_to_send())
                     if not await self._start_tls():
                         return
+                elif isinstance(step, BaseException):
+                    raise step  # from _read_inline, which runs outside this task
                 else:
-                    assert isinstance(event, Closed)
+                    assert isinstance(step, Closed)
                     await self._send(engine.data_to_send())
                     return
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError) as exc:
             log.debug("session %s: connection lost: %r", session.id, exc)
+        finally:
+            if isinstance(self.wire, ProtocolWire):
+                self.wire.inline_reader = None
+
+    def _advance(self) -> _Step:
+        """Drive the engine as far as it goes without waiting.
+
+        Stops when the engine needs the client's bytes (its replies are queued), or at what
+        must be awaited: an App call that did not finish at once (most finish at once: the
+        hooks and middleware of a typical App await nothing), the greeting, TLS, the end.
+        """
+        engine = self.engine
+        server = self.server
+        app = server.app
+        while True:
+            if server._stopping and not engine.in_transaction:
+                engine.close(SHUTTING_DOWN)  # no-op once the engine is closed
+            event = engine.next_event()
+            if engine.finished:
+                self.transactions_ended()
+            if event is NEED_DATA or not isinstance(event, Event) or isinstance(event, Connect):
+                return event
+            call = app(event)
+            try:
+                waiting_on = call.send(None)
+            except StopIteration as done:
+                self._answer(event, done.value)
+                continue
+            return _AppCall(event, call, waiting_on)
+
+    def _answer(self, event: Event, reply: Reply) -> None:
+        self.engine.respond(reply)
+        if isinstance(event, Mail):
+            self._transaction_started = _now()
+
+    def _read_inline(self, data: bytes) -> bool:
+        """Take ``data`` from the asyncio Protocol's callback, while the task waits for it.
+
+        The session goes on right here, without waking its task, for as long as it does not
+        have to wait: the usual command, its App call and the reply cost no task switch. What
+        must be awaited is left to the task (``_step``). False: not taken, the task will read
+        it. App code run from here sees this connection's task as the current one.
+        """
+        if not self._reading_inline or self._closing is not None:
+            return False
+        wire = self.wire
+        assert isinstance(wire, ProtocolWire) and self._task is not None
+        assert _enter_task is not None and _leave_task is not None
+        loop = self._task.get_loop()
+        try:
+            _enter_task(loop, self._task)
+        except RuntimeError:  # called from within some task after all: the usual way then
+            return False
+        try:
+            self._end_read(data)
+            self.engine.receive_data(data)
+            step = self._advance()
+            if step is NEED_DATA:
+                out = self.engine.data_to_send()
+                if out and not wire.write_nowait(out):
+                    self._step = _FLUSH  # the transport is full: the task waits for it
+                else:
+                    self._begin_read()
+                    return True
+            else:
+                self._step = step
+        except BaseException as exc:  # raised in the task, not in the loop
+            self._step = exc
+        finally:
+            _leave_task(loop, self._task)
+        self._reading_inline = False
+        wire.wake()
+        return True
 
     async def _send(self, out: bytes) -> None:
         # A client that does not read its replies must not hold the slot forever.
@@ -494,15 +616,31 @@ class _Connection:
             self.deadline = _NEVER
 
     async def _receive(self) -> bytes | None:
-        """The client's next bytes (``b""`` at its EOF), or None when the engine was closed
-        instead (the server is shutting down)."""
-        engine = self.engine
+        """The client's next bytes (``b""`` at its EOF), or None when there are none to feed:
+        the engine was closed instead (the server is shutting down), or :meth:`_read_inline`
+        fed them and left a step to the task."""
         if self._closing is not None:
-            engine.close(self._closing)
+            self.engine.close(self._closing)
             return None
+        self._begin_read()
+        self._reading_inline = True
+        try:
+            data = await self.wire.receive()
+        finally:
+            self._reading_inline = False
+            if self._step is None:
+                self._reading = False
+                self.deadline = _NEVER
+        if self._step is not None:
+            return None
+        self._end_read(data)
+        return data
+
+    def _begin_read(self) -> None:
+        """Set the deadline of the read about to start (the server's clock enforces it)."""
         config = self.server.config
-        started = _now()
-        if engine.receiving_data and config.min_data_rate > 0:
+        started = self._read_started = _now()
+        if self.engine.receiving_data and config.min_data_rate > 0:
             if not self._receiving:
                 self._receiving = True
                 self._data_credit = config.idle_timeout
@@ -515,17 +653,15 @@ class _Connection:
         self.deadline = deadline
         self._timeout_reply = reply
         self._reading = True
-        try:
-            data = await self.wire.receive()
-        finally:
-            self._reading = False
-            self.deadline = _NEVER
+
+    def _end_read(self, data: bytes) -> None:
+        self._reading = False
+        self.deadline = _NEVER
         self.server.metrics.bytes_received += len(data)
         if self._receiving:
-            elapsed = _now() - started
-            credit = self._data_credit - elapsed + len(data) / config.min_data_rate
-            self._data_credit = min(config.idle_timeout, credit)
-        return data
+            min_data_rate = self.server.config.min_data_rate
+            credit = self._data_credit - (_now() - self._read_started) + len(data) / min_data_rate
+            self._data_credit = min(self.server.config.idle_timeout, credit)
 
     async def _delay_greeting(self, delay: float) -> None:
         """Hold the greeting back for ``delay`` seconds; a client that talks first is refused.

@@ -94,6 +94,10 @@ class ProtocolWire(asyncio.Protocol):
         self._tls = False
         self._reader: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
+        self._woken = False
+        #: Offered each chunk while the task waits in receive() with nothing queued; True if
+        #: it took the chunk (the session's fast path, ``_Connection._read_inline``).
+        self.inline_reader: Callable[[bytes], bool] | None = None
 
     # -- the loop's side
 
@@ -104,6 +108,10 @@ class ProtocolWire(asyncio.Protocol):
         self._on_connection_made(self, self._transport)
 
     def data_received(self, data: bytes) -> None:
+        inline_reader = self.inline_reader
+        if inline_reader is not None and self._reader is not None and not self._chunks:
+            if not self._reader.done() and inline_reader(data):
+                return
         self._chunks.append(data)
         self._size += len(data)
         if self._size >= self._limit and not self._paused and self._transport is not None:
@@ -142,7 +150,8 @@ class ProtocolWire(asyncio.Protocol):
 
     async def receive(self) -> bytes:
         while not self._chunks:
-            if self._eof:
+            if self._eof or self._woken:
+                self._woken = False
                 return b""
             assert self._loop is not None
             self._reader = self._loop.create_future()
@@ -162,6 +171,18 @@ class ProtocolWire(asyncio.Protocol):
     def unread(self, data: bytes) -> None:
         self._chunks.insert(0, data)
         self._size += len(data)
+
+    def wake(self) -> None:
+        """Make the receive() in progress return ``b""`` now (its caller knows why)."""
+        self._woken = True
+        self._wake_reader()
+
+    def write_nowait(self, data: bytes) -> bool:
+        """Write ``data`` out; False if the caller must then wait, as :meth:`send` would."""
+        if self._lost or self._transport is None:
+            return False
+        self._transport.write(data)
+        return self._drained is None
 
     async def send(self, data: bytes) -> None:
         if self._lost or self._transport is None:
