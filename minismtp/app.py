@@ -255,11 +255,12 @@ class App:
         self._stack = handler
         return handler
 
-    async def _route(self, event: Event) -> Reply:
+    def _route(self, event: Event) -> Awaitable[Reply]:
+        # Not a coroutine itself: the hooks' coroutine is what the middleware awaits.
         route = self._routes.get(type(event))
         if route is None:
             raise TypeError(f"not an event the App answers: {event!r}")
-        return await route(event)
+        return route(event)
 
     async def _on_connect(self, event: Connect) -> Reply:
         for hook in self._connect_hooks:

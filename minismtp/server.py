@@ -446,13 +446,18 @@ class _Connection:
     _data_credit: float = 0.0  # seconds the content may still take (the data-rate deadline)
     _transaction_started: float = 0.0
     _read_started: float = 0.0
+    _idle_timeout: float = attrs.field(init=False)  # the config's, read once per session
+    _min_data_rate: float = attrs.field(init=False)
     _step: _Step | None = None  # what the task must do next, left by _read_inline
     _task: asyncio.Task[Any] | None = None  # the connection's task (asyncio only)
     _reading_inline: bool = False  # the task waits in _receive: _read_inline may take bytes
 
     def __attrs_post_init__(self) -> None:
-        cap = self.server.config.max_session_duration
+        config = self.server.config
+        cap = config.max_session_duration
         self._session_deadline = _now() + cap if cap is not None else _NEVER
+        self._idle_timeout = config.idle_timeout
+        self._min_data_rate = config.min_data_rate
 
     def interrupt(self, reply: Reply) -> None:
         """End the session with ``reply``: now if it waits for the client, else at its next
@@ -638,16 +643,15 @@ class _Connection:
 
     def _begin_read(self) -> None:
         """Set the deadline of the read about to start (the server's clock enforces it)."""
-        config = self.server.config
         started = self._read_started = _now()
-        if self.engine.receiving_data and config.min_data_rate > 0:
+        if self._min_data_rate and self.engine.receiving_data:
             if not self._receiving:
                 self._receiving = True
-                self._data_credit = config.idle_timeout
+                self._data_credit = self._idle_timeout
             deadline, reply = started + self._data_credit, DATA_TOO_SLOW
         else:
             self._receiving = False
-            deadline, reply = started + config.idle_timeout, IDLE_TIMEOUT
+            deadline, reply = started + self._idle_timeout, IDLE_TIMEOUT
         if self._session_deadline < deadline:
             deadline, reply = self._session_deadline, SESSION_TOO_LONG
         self.deadline = deadline
@@ -659,9 +663,9 @@ class _Connection:
         self.deadline = _NEVER
         self.server.metrics.bytes_received += len(data)
         if self._receiving:
-            min_data_rate = self.server.config.min_data_rate
-            credit = self._data_credit - (_now() - self._read_started) + len(data) / min_data_rate
-            self._data_credit = min(self.server.config.idle_timeout, credit)
+            credit = self._data_credit - (_now() - self._read_started)
+            credit += len(data) / self._min_data_rate
+            self._data_credit = min(self._idle_timeout, credit)
 
     async def _delay_greeting(self, delay: float) -> None:
         """Hold the greeting back for ``delay`` seconds; a client that talks first is refused.
