@@ -4,7 +4,7 @@ Each event loop gets its fastest path behind one small interface (:class:`Wire`)
 ``asyncio.Protocol`` on asyncio and uvloop, where anyio's stream layer (pausing and resuming
 the socket and a checkpoint on every read and write) would cost about twice the CPU per
 message; the socket itself on trio, where the stream layer's reads try the system call first
-(and fail, a reply's answer is never there yet) and its writes yield to the scheduler; and
+(and fail: the answer to a reply is not there yet) and its writes yield to the scheduler; and
 anyio's streams everywhere, as the portable path.
 """
 
@@ -215,20 +215,24 @@ class ProtocolWire(asyncio.Protocol):
 
 
 _WaitFor = Callable[[socket.socket], Awaitable[None]]
+# A failed read costs about what an unneeded wait does: after one, wait a few times before
+# trying the socket first again.
+_WAITS_AFTER_EMPTY_READ = 8
 
 
 @attrs.define(eq=False)
 class TrioSocketWire:
     """trio: the connection's non-blocking socket, driven with trio's own waits.
 
-    A read right after a reply would find nothing (the client has not answered yet), so it
-    waits for the socket to be readable first, unless the last read filled the buffer; a
-    write goes out at once and waits only when the kernel's buffer is full (memory stays
-    bounded by what one write holds). Neither yields to the scheduler when it need not: the
-    session waits at its reads anyway, and a read that does not wait yields first, so a client
-    that keeps the buffer full cannot starve the others. The waits are trio's checkpoints, so
-    the connection's cancel scope interrupts them. After a TLS handshake the bytes go through
-    anyio's TLS stream over the same socket.
+    A read first yields to the other sessions, then takes what the socket holds: on a busy
+    server the client has answered by the time the session's turn comes round again, so the
+    read costs one system call, where waiting for readiness costs an ``epoll_ctl`` more and
+    trying first (trio's sockets) a failed ``recv`` more. When the socket turns out empty (a
+    quiet server), the next few reads wait for readiness first. A write goes out at once,
+    without yielding (the session yields at its next read), and waits only while the kernel's
+    buffer is full, so memory stays bounded by one batch of replies. Yields and waits are
+    trio's checkpoints: the connection's cancel scope interrupts a read or a blocked write.
+    After a TLS handshake the bytes go through anyio's TLS stream over the same socket.
     """
 
     stream: SocketStream  # anyio's, for TLS and for closing
@@ -238,7 +242,7 @@ class TrioSocketWire:
     _wait_writable: _WaitFor
     _checkpoint: Callable[[], Awaitable[None]]
     _pending: bytes = b""  # given back by unread()
-    _read_first: bool = False  # the last read filled the buffer: more is probably there
+    _wait_first: int = 0  # reads left that wait for readiness before trying the socket
     _tls: StreamWire | None = None
 
     @classmethod
@@ -261,19 +265,20 @@ class TrioSocketWire:
             data, self._pending = self._pending, b""
             return data
         sock = self._socket
-        if self._read_first:
-            await self._checkpoint()
-        else:
+        if self._wait_first:
+            self._wait_first -= 1
             await self._wait_readable(sock)
+        else:
+            await self._checkpoint()
         while True:
             try:
                 data = sock.recv(self.read_size)
             except BlockingIOError:
+                self._wait_first = _WAITS_AFTER_EMPTY_READ
                 await self._wait_readable(sock)
                 continue
             except OSError as exc:
                 raise anyio.BrokenResourceError(exc) from exc
-            self._read_first = len(data) == self.read_size
             return data
 
     async def send(self, data: bytes) -> None:
