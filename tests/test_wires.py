@@ -24,7 +24,7 @@ pytestmark = pytest.mark.anyio
 MIB = 1024 * 1024
 
 
-WIRES = {
+WIRES: dict[str, tuple[str, Callable[[SocketStream, int], Wire]]] = {
     "asyncio-stream": ("asyncio", StreamWire),
     "trio-stream": ("trio", StreamWire),
     "trio-socket": ("trio", TrioSocketWire.over),  # trio's alone
