@@ -53,7 +53,7 @@ from minismtp.protocol import NEED_DATA, Closed, Engine, Limits, NeedData, Start
 from minismtp.proxy import LOOPBACK, IPNetwork, ProxyError, is_trusted, read_proxy_header
 from minismtp.tls import TLSConfig, TLSHandshakeFailed
 from minismtp.types import Message, Reply, Session
-from minismtp.wires import ProtocolWire, StreamWire, Wire
+from minismtp.wires import ProtocolWire, StreamWire, TrioSocketWire, Wire
 
 log = logging.getLogger("minismtp.server")
 _transaction_line = InfoLine(log)
@@ -98,8 +98,8 @@ class ServerConfig:
     # cancelled outright (a client that stopped reading, an App call that hangs).
     shutdown_cancel_after: float = 5.0
     read_size: int = 64 * 1024
-    # "auto": an asyncio Protocol on asyncio/uvloop, anyio streams elsewhere; "stream": anyio
-    # streams everywhere (the portable path, for comparison and debugging).
+    # "auto": an asyncio Protocol on asyncio/uvloop, the socket with trio's own waits on trio;
+    # "stream": anyio streams everywhere (the portable path, for comparison and debugging).
     transport: Literal["auto", "stream"] = "auto"
     # The PROXY protocol (v1 and v2): each connection must start with a header from one of
     # the trusted proxies, naming the client; anything else is closed without a greeting.
@@ -260,6 +260,9 @@ class Server:
     async def _accept(
         self, listener: SocketListener, implicit_tls: bool, connections: TaskGroup
     ) -> None:
+        read_size = self.config.read_size
+        # On trio (anyio's other backend), its socket itself, unless asked for the streams.
+        on_socket = self.config.transport == "auto" and not _running_asyncio()
         while True:
             try:
                 stream = await listener.accept()
@@ -283,7 +286,11 @@ class Server:
                 continue
             self._active += 1
             local = _ip_address(stream.extra(SocketAttribute.local_address))
-            wire = StreamWire(stream, self.config.read_size)
+            wire: Wire
+            if on_socket:
+                wire = TrioSocketWire.over(stream, read_size)
+            else:
+                wire = StreamWire(stream, read_size)
             connections.start_soon(self._handle, wire, peer, local, implicit_tls)
 
     def _protocol_connection_made(self, wire: ProtocolWire, transport: asyncio.Transport) -> None:

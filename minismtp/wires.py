@@ -1,21 +1,24 @@
 """Wires: how a connection's bytes move between the socket and the session loop.
 
-Each event loop gets its fastest path behind one small interface (:class:`Wire`): anyio's
-streams on trio (and everywhere, as the portable path), and a plain ``asyncio.Protocol`` on
-asyncio and uvloop, where anyio's stream layer (pausing and resuming the socket and a
-checkpoint on every read and write) would cost about twice the CPU per message.
+Each event loop gets its fastest path behind one small interface (:class:`Wire`): a plain
+``asyncio.Protocol`` on asyncio and uvloop, where anyio's stream layer (pausing and resuming
+the socket and a checkpoint on every read and write) would cost about twice the CPU per
+message; the socket itself on trio, where the stream layer's reads try the system call first
+(and fail: the answer to a reply is not there yet) and its writes yield to the scheduler; and
+anyio's streams everywhere, as the portable path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol, cast
 
 import anyio
 import attrs
-from anyio.abc import ByteStream
+from anyio.abc import ByteStream, SocketAttribute, SocketStream
 from anyio.streams.buffered import BufferedByteStream
 from anyio.streams.tls import TLSAttribute
 
@@ -42,7 +45,7 @@ class Wire(Protocol):
 
 @attrs.define(eq=False)
 class StreamWire:
-    """anyio's streams: every backend (trio's fastest path)."""
+    """anyio's streams: every backend (the portable path)."""
 
     stream: ByteStream
     read_size: int
@@ -237,4 +240,108 @@ class ProtocolWire(asyncio.Protocol):
             transport.close()
 
 
-__all__ = ["ProtocolWire", "StreamWire", "Wire"]
+_WaitFor = Callable[[socket.socket], Awaitable[None]]
+# A failed read costs about what an unneeded wait does: after one, wait a few times before
+# trying the socket first again.
+_WAITS_AFTER_EMPTY_READ = 8
+
+
+@attrs.define(eq=False)
+class TrioSocketWire:
+    """trio: the connection's non-blocking socket, driven with trio's own waits.
+
+    A read first yields to the other sessions, then takes what the socket holds: on a busy
+    server the client has answered by the time the session's turn comes round again, so the
+    read costs one system call, where waiting for readiness costs an ``epoll_ctl`` more and
+    trying first (trio's sockets) a failed ``recv`` more. When the socket turns out empty (a
+    quiet server), the next few reads wait for readiness first. A write goes out at once,
+    without yielding (the session yields at its next read), and waits only while the kernel's
+    buffer is full, so memory stays bounded by one batch of replies. Yields and waits are
+    trio's checkpoints: the connection's cancel scope interrupts a read or a blocked write.
+    After a TLS handshake the bytes go through anyio's TLS stream over the same socket.
+    """
+
+    stream: SocketStream  # anyio's, for TLS and for closing
+    read_size: int
+    _socket: socket.socket
+    _wait_readable: _WaitFor
+    _wait_writable: _WaitFor
+    _checkpoint: Callable[[], Awaitable[None]]
+    _pending: bytes = b""  # given back by unread()
+    _wait_first: int = 0  # reads left that wait for readiness before trying the socket
+    _tls: StreamWire | None = None
+
+    @classmethod
+    def over(cls, stream: SocketStream, read_size: int) -> TrioSocketWire:
+        from trio import lowlevel  # only ever on trio
+
+        return cls(
+            stream,
+            read_size,
+            stream.extra(SocketAttribute.raw_socket),
+            lowlevel.wait_readable,
+            lowlevel.wait_writable,
+            lowlevel.checkpoint,
+        )
+
+    async def receive(self) -> bytes:
+        if self._tls is not None:
+            return await self._tls.receive()
+        if self._pending:
+            data, self._pending = self._pending, b""
+            return data
+        sock = self._socket
+        if self._wait_first:
+            self._wait_first -= 1
+            await self._wait_readable(sock)
+        else:
+            await self._checkpoint()
+        while True:
+            try:
+                data = sock.recv(self.read_size)
+            except BlockingIOError:
+                self._wait_first = _WAITS_AFTER_EMPTY_READ
+                await self._wait_readable(sock)
+                continue
+            except OSError as exc:
+                raise anyio.BrokenResourceError(exc) from exc
+            return data
+
+    async def send(self, data: bytes) -> None:
+        if self._tls is not None:
+            return await self._tls.send(data)
+        sent = self._send_now(data)
+        if sent < len(data):
+            # The client is slow to read: the rest goes as the kernel takes it.
+            view = memoryview(data)[sent:]
+            while view:
+                await self._wait_writable(self._socket)
+                view = view[self._send_now(view) :]
+
+    def _send_now(self, data: bytes | memoryview) -> int:
+        try:
+            return self._socket.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise anyio.BrokenResourceError(exc) from exc
+
+    def unread(self, data: bytes) -> None:
+        if self._tls is not None:
+            self._tls.unread(data)
+        else:
+            self._pending = data + self._pending
+
+    async def start_tls(self, tls: TLSConfig) -> TLSInfo:
+        self._tls = wire = StreamWire(self.stream, self.read_size)
+        if self._pending:
+            # The ClientHello that came with a PROXY header.
+            wire.unread(self._pending)
+            self._pending = b""
+        return await wire.start_tls(tls)
+
+    async def aclose(self) -> None:
+        await anyio.aclose_forcefully(self.stream if self._tls is None else self._tls.stream)
+
+
+__all__ = ["ProtocolWire", "StreamWire", "TrioSocketWire", "Wire"]

@@ -17,6 +17,7 @@ from minismtp.app import App
 from minismtp.events import Event, Mail
 from minismtp.server import Server, ServerConfig, SmtpServer, serve
 from minismtp.types import Address, Message, Reply, Session, Transaction
+from minismtp.wires import ProtocolWire, StreamWire, TrioSocketWire
 
 pytestmark = pytest.mark.anyio
 
@@ -425,8 +426,9 @@ async def test_on_message_consumers_drain_before_serve_returns(connect: Connect)
     assert seen == [BODY + b"%d\r\n" % i for i in range(3)]
 
 
-async def test_anyio_stream_transport_on_asyncio(app: App, connect: Connect) -> None:
-    """The portable path (trio's) on asyncio too: the same dialogue, the same clocks."""
+async def test_anyio_stream_transport_on_every_loop(app: App, connect: Connect) -> None:
+    """The portable path (anyio's streams) where "auto" picks another: the same dialogue, the
+    same clocks."""
     config = ServerConfig(transport="stream", idle_timeout=0.3)
     async with serve(app, "127.0.0.1", 0, config=config) as server:
         await sendmail(server.port, "a@example.com", ["b@example.com"])
@@ -439,6 +441,25 @@ async def test_anyio_stream_transport_on_asyncio(app: App, connect: Connect) -> 
             with anyio.fail_after(5):
                 assert (await client.reply()).startswith("421 4.4.2")
     assert [m.original for m in drain(server)] == [BODY, b".dot\r\n"]
+
+
+@pytest.mark.parametrize("transport", ["auto", "stream"])
+async def test_the_server_picks_the_wire_for_the_loop(
+    app: App, connect: Connect, anyio_backend_name: str, transport: Any
+) -> None:
+    """"auto": the asyncio Protocol on asyncio and uvloop, the socket itself on trio."""
+    expected = {
+        ("auto", "asyncio"): ProtocolWire,
+        ("auto", "trio"): TrioSocketWire,
+        ("stream", "asyncio"): StreamWire,
+        ("stream", "trio"): StreamWire,
+    }[transport, anyio_backend_name]
+    config = ServerConfig(transport=transport)
+    async with serve(app, "127.0.0.1", 0, config=config) as server, connect(server.port) as client:
+        assert (await client.reply()).startswith("220 mx.test ESMTP")
+        (connection,) = server._connections
+        assert type(connection.wire) is expected
+        assert (await client.command("QUIT")).startswith("221")
 
 
 # -- the seed's API --------------------------------------------------------------------------------

@@ -1,0 +1,201 @@
+"""The wires over real sockets: what the session loop relies on, from trio's socket wire and
+from anyio's streams (the portable path) alike. (The asyncio Protocol wire is driven by the
+loop, not over a stream: the server's tests cover it on asyncio and uvloop.)"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+from anyio.abc import SocketAttribute, SocketListener, SocketStream
+from anyio.streams.tls import TLSStream
+from conftest import Certificates
+
+from minismtp.tls import TLSConfig
+from minismtp.wires import StreamWire, TrioSocketWire, Wire
+
+pytestmark = pytest.mark.anyio
+
+MIB = 1024 * 1024
+
+
+WIRES: dict[str, tuple[str, Callable[[SocketStream, int], Wire]]] = {
+    "asyncio-stream": ("asyncio", StreamWire),
+    "trio-stream": ("trio", StreamWire),
+    "trio-socket": ("trio", TrioSocketWire.over),  # trio's alone
+}
+
+
+@pytest.fixture(params=list(WIRES), scope="module")
+def wire_case(request: pytest.FixtureRequest) -> tuple[str, Callable[[SocketStream, int], Wire]]:
+    return WIRES[request.param]
+
+
+@pytest.fixture(scope="module")
+def anyio_backend(wire_case: tuple[str, Any]) -> str:
+    return wire_case[0]
+
+
+@pytest.fixture
+def make_wire(wire_case: tuple[str, Callable[[SocketStream, int], Wire]]) -> Callable[..., Wire]:
+    """``make_wire(stream, read_size=65536)``: the wire under test over the server's end."""
+    factory = wire_case[1]
+    return lambda stream, read_size=65536: factory(stream, read_size)
+
+
+@asynccontextmanager
+async def connection() -> AsyncIterator[tuple[SocketStream, SocketStream]]:
+    """A TCP connection on 127.0.0.1: (the server's end, the client's end)."""
+    listener = await SocketListener.from_socket(socket.create_server(("127.0.0.1", 0)))
+    async with listener:
+        port = listener.extra(SocketAttribute.local_port)
+        client = await anyio.connect_tcp("127.0.0.1", port)
+        async with client, await listener.accept() as server:
+            yield server, client
+
+
+async def receive_until_eof(wire: Wire) -> bytes:
+    chunks = []
+    while chunk := await wire.receive():
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def test_eof_mid_command(make_wire: Callable[..., Wire]) -> None:
+    """What came before the client closed its side, then b"" (and b"" again)."""
+    async with connection() as (server, client):
+        wire = make_wire(server)
+        await client.send(b"MAIL FROM:<a@exa")
+        await client.send_eof()
+        with anyio.fail_after(5):
+            assert await receive_until_eof(wire) == b"MAIL FROM:<a@exa"
+            assert await wire.receive() == b""
+
+
+async def test_reset_connection_is_a_broken_resource(make_wire: Callable[..., Wire]) -> None:
+    async with connection() as (server, client):
+        wire = make_wire(server)
+        # SO_LINGER 0: close() sends a RST, as a client that crashed or timed out may.
+        raw = client.extra(SocketAttribute.raw_socket)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await client.aclose()
+        with anyio.fail_after(5), pytest.raises(anyio.BrokenResourceError):
+            await wire.receive()
+
+
+async def test_small_reads_of_a_big_upload_lose_nothing(make_wire: Callable[..., Wire]) -> None:
+    """Reads that fill the buffer every time (a message streaming in) and the EOF after them."""
+    data = bytes(range(256)) * 4096  # 1 MiB
+    async with connection() as (server, client):
+        wire = make_wire(server, 1000)
+
+        async def upload() -> None:
+            await client.send(data)
+            await client.send_eof()
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(upload)
+                assert await receive_until_eof(wire) == data
+
+
+async def test_a_waiting_receive_is_cancelled(make_wire: Callable[..., Wire]) -> None:
+    """The session's timeouts and shutdown cancel its scope: a read that waits must end."""
+    async with connection() as (server, client):
+        wire = make_wire(server)
+        for _ in range(3):  # the socket wire tries the socket first once, then waits first
+            with anyio.fail_after(5), anyio.move_on_after(0.05) as scope:
+                await wire.receive()
+            assert scope.cancelled_caught
+        await client.send(b"NOOP\r\n")
+        with anyio.fail_after(5):
+            assert await wire.receive() == b"NOOP\r\n"
+
+
+async def test_a_cancelled_receive_takes_no_bytes(make_wire: Callable[..., Wire]) -> None:
+    async with connection() as (server, client):
+        wire = make_wire(server)
+        await client.send(b"EHLO client.example\r\n")
+        with anyio.fail_after(5):
+            assert await wire.receive() == b"EHLO client.example\r\n"
+            await client.send(b"NOOP\r\n")
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await wire.receive()
+            assert scope.cancelled_caught
+            assert await wire.receive() == b"NOOP\r\n"
+
+
+async def test_send_waits_for_a_client_that_does_not_read(make_wire: Callable[..., Wire]) -> None:
+    """Backpressure: a write bigger than the kernel's buffers waits for the client (nothing
+    piles up in the server), a cancelled one ends, and once the client reads, all of it and
+    nothing else arrives, in order."""
+    data = bytes(range(256)) * (128 * 1024)  # 32 MiB: more than loopback's buffers hold
+    async with connection() as (server, client):
+        wire = make_wire(server)
+        with anyio.fail_after(5), anyio.move_on_after(0.2) as stalled:
+            await wire.send(data)
+        assert stalled.cancelled_caught  # the client reads nothing: the write cannot finish
+        received = bytearray()
+        while len(received) < MIB:
+            received += await client.receive()
+        assert data.startswith(received)  # a prefix went out before the cancellation
+
+    async with connection() as (server, client):
+        wire = make_wire(server)
+
+        async def read_all() -> None:
+            while len(received) < len(data):
+                received.extend(await client.receive())
+
+        received = bytearray()
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(read_all)
+                await wire.send(data)
+        assert received == data
+
+
+async def test_unread_bytes_come_first(make_wire: Callable[..., Wire]) -> None:
+    """What followed a PROXY header in the same segment is read before the socket."""
+    async with connection() as (server, client):
+        wire = make_wire(server)
+        wire.unread(b"EHLO client.example\r\n")
+        await client.send(b"NOOP\r\n")
+        with anyio.fail_after(5):
+            assert await wire.receive() == b"EHLO client.example\r\n"
+            assert await wire.receive() == b"NOOP\r\n"
+
+
+@pytest.mark.parametrize("hello_unread", [False, True], ids=["starttls", "after-header"])
+async def test_start_tls(
+    make_wire: Callable[..., Wire], certs: Certificates, hello_unread: bool
+) -> None:
+    """The handshake over the wire (STARTTLS, implicit TLS), also when the start of the
+    ClientHello was read already and given back (it came with a PROXY header); then the
+    session's bytes go encrypted both ways."""
+    tls = TLSConfig(certs.cert_path, certs.key_path, handshake_timeout=5)
+    async with connection() as (server, client):
+        wire = make_wire(server)
+
+        async def client_side() -> None:
+            stream = await TLSStream.wrap(
+                client, hostname="localhost", ssl_context=certs.client_context()
+            )
+            assert await stream.receive() == b"220 ready\r\n"
+            await stream.send(b"EHLO client.example\r\n")
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(client_side)
+                if hello_unread:
+                    wire.unread(await wire.receive())
+                info = await wire.start_tls(tls)
+                await wire.send(b"220 ready\r\n")
+                assert await wire.receive() == b"EHLO client.example\r\n"
+        assert info.version.startswith("TLSv1.")
