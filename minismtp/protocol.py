@@ -116,7 +116,19 @@ TOO_MANY_JUNK = _r(421, "4.7.0", "Too many commands without a message, closing c
 _HTTP_PROBES = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"CONNECT ", b"OPTIONS ", b"DELETE ")
 _HEADER_NAME = re.compile(rb"[A-Za-z][A-Za-z0-9-]*:")
 _BARE_LINE_END = re.compile(rb"\r\n|\r|\n")
+# A CR not followed by LF, an LF not preceded by CR. Each pattern starts with one literal
+# octet, which the re module finds with a tight scan: together they cost about half the three
+# counts (CRLF, CR, LF) they replace on 80-octet lines. Each line end costs a lookaround, so
+# lines of a few octets cost more (a message of empty lines about 9 ms/MB, 5x the counts).
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_BARE_LF = re.compile(rb"\n(?<!\r\n)")
+_DOT_LINE = b"\r\n."  # a line that starts with a dot: stuffed, or the end of data
 _END_OF_DATA = b"\r\n.\r\n"
+
+
+def _has_bare_line_end(data: bytes, end: int) -> bool:
+    """Whether ``data[:end]`` holds a CR or LF that is not part of a CRLF."""
+    return bool(_BARE_CR.search(data, 0, end) or _BARE_LF.search(data, 0, end))
 
 
 def _reply_with_status(reply: Reply) -> bytes:
@@ -545,38 +557,45 @@ class Engine:
     # -- message content --------------------------------------------------------------------
 
     def _receive_dotted(self) -> Event | NeedData | Closed | None:
-        """DATA content: each read is searched once for CRLF.CRLF and settled whole."""
+        """DATA content: each read is scanned a few times in C, whole, never line by line."""
         incoming = self._incoming
         if not incoming:
             return self._lost() if self._eof else NEED_DATA
-        segment = self._tail + incoming.pop(0)
-        end = segment.find(_END_OF_DATA)
-        if end < 0:
-            # Settle up to the last CRLF: no stuffed dot or end of data can straddle that cut.
-            cut = segment.rfind(b"\r\n")
-            if cut < 0:
-                cut = len(segment) - 1 if segment.endswith(b"\r") else len(segment)
-            self._settle(segment, cut)
-            self._tail = segment[cut:]
-            return None
-        self._settle(segment[: end + 2], end + 2)
-        self._tail = b""
-        self._state = _State.COMMAND
-        self._buf += memoryview(segment)[end + 5 :]
-        for chunk in incoming:
-            self._buf += chunk
+        # What is left of the last read (from its last CRLF on) goes in front, so that an end
+        # of data or a stuffed dot split between two reads is seen whole.
+        segment = b"".join((self._tail, *incoming))
         incoming.clear()
-        return self._finish_content()
+        # Only a line that starts with a dot can end the data or need unstuffing. Most reads
+        # of most messages have none, and this one scan says so.
+        dotted = _DOT_LINE in segment
+        if dotted:
+            end = segment.find(_END_OF_DATA)
+            if end >= 0:
+                self._settle(segment, end + 2, dotted)  # up to the CRLF before the dot
+                self._tail = b""
+                self._state = _State.COMMAND
+                self._buf += memoryview(segment)[end + 5 :]
+                return self._finish_content()
+        # Settle up to the last CRLF: no stuffed dot or end of data can straddle that cut.
+        cut = segment.rfind(b"\r\n")
+        if cut < 0:
+            cut = len(segment) - 1 if segment.endswith(b"\r") else len(segment)
+        self._settle(segment, cut, dotted)
+        self._tail = segment[cut:]
+        return None
 
-    def _settle(self, segment: bytes, cut: int) -> None:
-        """Check, unstuff and keep ``segment[:cut]``, which holds whole CRLFs only.
+    def _settle(self, segment: bytes, cut: int, dotted: bool) -> None:
+        """Check, unstuff and keep ``segment[:cut]``; ``dotted``: some line starts with a dot.
 
-        ``cut`` is the length of ``segment`` or the start of its last CRLF.
+        ``cut`` is the start of the segment's last CRLF, the end of the content's last CRLF,
+        or (a segment without CRLF) where the segment ends, but for a last CR.
         """
         if self._content_failure is not None:
             return
         max_line = self.limits.max_text_line
         if max_line:
+            # Jump from line end to line end a line's maximum at a time: a few Python steps
+            # per kilobyte, whatever the lines are.
             pos = self._line_from
             while cut - pos > max_line:
                 newline = segment.rfind(b"\n", max(pos, 0), pos + max_line)
@@ -585,21 +604,18 @@ class Engine:
                     return
                 pos = newline + 1
             self._line_from = pos - cut
-        crlf = segment.count(b"\r\n", 0, cut)
-        if segment.count(b"\n", 0, cut) != crlf or segment.count(b"\r", 0, cut) != crlf:
+        if _has_bare_line_end(segment, cut):
             if not self.limits.accept_bare_line_endings:
                 self._refuse_content(BARE_LINE_END_IN_DATA)
                 return
             # Unstuff first, so that only real CRLF-dot line starts lose their dot.
-            piece = segment[:cut].replace(b"\r\n.", b"\r\n")
+            piece = segment[:cut].replace(_DOT_LINE, b"\r\n")
             self._keep(_BARE_LINE_END.sub(b"\r\n", piece)[self._skip :])
+        elif dotted:
+            self._keep(memoryview(segment[:cut].replace(_DOT_LINE, b"\r\n"))[self._skip :])
         else:
-            # Unstuffing keeps every CRLF, so the cut is the last CRLF of the result too;
-            # a view of it is kept, not a copy (join takes views).
-            unstuffed = segment.replace(b"\r\n.", b"\r\n")
-            if len(unstuffed) != len(segment):
-                cut = unstuffed.rfind(b"\r\n") if cut < len(segment) else len(unstuffed)
-            self._keep(memoryview(unstuffed)[self._skip : cut])
+            # Nothing to unstuff: keep a view of the segment, not a copy (join takes views).
+            self._keep(memoryview(segment)[self._skip : cut])
         if cut:
             self._skip = 0
 
@@ -639,8 +655,7 @@ class Engine:
             return None
         if failure is None:
             content = b"".join(self._parts)
-            crlf = content.count(b"\r\n")
-            if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
+            if _has_bare_line_end(content, len(content)):
                 if not self.limits.accept_bare_line_endings:
                     self._content_failure = BARE_LINE_END_IN_DATA
                 else:
