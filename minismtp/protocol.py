@@ -672,11 +672,12 @@ class Engine:
             self._reply(failure)
             self._reset_transaction(int(failure[:3]))
             return None
-        content = b"".join(self._parts)
-        transaction.size = len(content)
+        # Handed over unjoined: the App joins them once, with its trace header in front.
+        data = Data(self.session, transaction, self._parts)
+        transaction.size = data.size
         self._parts = []
         self._size = 0
-        return Data(self.session, transaction, content)
+        return data
 
 
 _COMMANDS = {
