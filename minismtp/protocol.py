@@ -116,19 +116,23 @@ TOO_MANY_JUNK = _r(421, "4.7.0", "Too many commands without a message, closing c
 _HTTP_PROBES = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"CONNECT ", b"OPTIONS ", b"DELETE ")
 _HEADER_NAME = re.compile(rb"[A-Za-z][A-Za-z0-9-]*:")
 _BARE_LINE_END = re.compile(rb"\r\n|\r|\n")
-# A CR not followed by LF, an LF not preceded by CR. Each pattern starts with one literal
-# octet, which the re module finds with a tight scan: together they cost about half the three
-# counts (CRLF, CR, LF) they replace on 80-octet lines. Each line end costs a lookaround, so
-# lines of a few octets cost more (a message of empty lines about 9 ms/MB, 5x the counts).
+# A CR not followed by LF; an LF not preceded by CR; an LF that is bare or starts a line with
+# a dot (stuffed, or the end of data). Each pattern starts with one literal octet, which the
+# re module finds with a tight scan in C; only where it finds one does it look around. That
+# costs about half of counting CRLF, CR and LF on 80-octet lines, but more on short ones (a
+# message of empty lines about 9 ms/MB, five times the counts).
 _BARE_CR = re.compile(rb"\r(?!\n)")
 _BARE_LF = re.compile(rb"\n(?<!\r\n)")
-_DOT_LINE = b"\r\n."  # a line that starts with a dot: stuffed, or the end of data
+_DOT_LINE_OR_BARE_LF = re.compile(rb"\n(?:\.|(?<!\r\n))")
+_DOT_LINE = b"\r\n."
 _END_OF_DATA = b"\r\n.\r\n"
+_CRLF = b"\r\n"
 
 
-def _has_bare_line_end(data: bytes, end: int) -> bool:
-    """Whether ``data[:end]`` holds a CR or LF that is not part of a CRLF."""
-    return bool(_BARE_CR.search(data, 0, end) or _BARE_LF.search(data, 0, end))
+def _has_bare_line_end(data: bytes, end: int, lf_from: int = 0) -> bool:
+    """Whether ``data[:end]`` holds a CR or LF outside a CRLF (no bare LF is before
+    ``lf_from``)."""
+    return bool(_BARE_CR.search(data, 0, end) or _BARE_LF.search(data, lf_from, end))
 
 
 def _reply_with_status(reply: Reply) -> bytes:
@@ -565,30 +569,30 @@ class Engine:
         # of data or a stuffed dot split between two reads is seen whole.
         segment = b"".join((self._tail, *incoming))
         incoming.clear()
-        # Only a line that starts with a dot can end the data or need unstuffing. Most reads
-        # of most messages have none, and this one scan says so.
-        dotted = _DOT_LINE in segment
-        if dotted:
-            end = segment.find(_END_OF_DATA)
-            if end >= 0:
-                self._settle(segment, end + 2, dotted)  # up to the CRLF before the dot
-                self._tail = b""
-                self._state = _State.COMMAND
-                self._buf += memoryview(segment)[end + 5 :]
-                return self._finish_content()
         # Settle up to the last CRLF: no stuffed dot or end of data can straddle that cut.
-        cut = segment.rfind(b"\r\n")
+        cut = segment.rfind(_CRLF)
         if cut < 0:
             cut = len(segment) - 1 if segment.endswith(b"\r") else len(segment)
-        self._settle(segment, cut, dotted)
+        # Most reads of most messages have no line that starts with a dot, and then there is
+        # nothing to unstuff and no end of data: the scan for bare LFs tells on the way.
+        found = _DOT_LINE_OR_BARE_LF.search(segment, 0, cut)
+        odd = cut if found is None else found.start()
+        if found is not None and (end := segment.find(_END_OF_DATA, odd - 1)) >= 0:
+            self._settle(segment, end + 2, odd)  # up to the CRLF before the dot
+            self._tail = b""
+            self._state = _State.COMMAND
+            self._buf += memoryview(segment)[end + 5 :]
+            return self._finish_content()
+        self._settle(segment, cut, odd)
         self._tail = segment[cut:]
         return None
 
-    def _settle(self, segment: bytes, cut: int, dotted: bool) -> None:
-        """Check, unstuff and keep ``segment[:cut]``; ``dotted``: some line starts with a dot.
+    def _settle(self, segment: bytes, cut: int, odd: int) -> None:
+        """Check, unstuff and keep ``segment[:cut]``.
 
         ``cut`` is the start of the segment's last CRLF, the end of the content's last CRLF,
-        or (a segment without CRLF) where the segment ends, but for a last CR.
+        or (a segment without CRLF) where the segment ends, but for a last CR. ``odd`` is the
+        first LF that starts a line with a dot or is bare; ``cut`` if there is none.
         """
         if self._content_failure is not None:
             return
@@ -597,22 +601,23 @@ class Engine:
             # Jump from line end to line end a line's maximum at a time: a few Python steps
             # per kilobyte, whatever the lines are.
             pos = self._line_from
+            rfind = segment.rfind
             while cut - pos > max_line:
-                newline = segment.rfind(b"\n", max(pos, 0), pos + max_line)
+                newline = rfind(b"\n", pos if pos > 0 else 0, pos + max_line)
                 if newline < 0:
                     self._refuse_content(TEXT_LINE_TOO_LONG)
                     return
                 pos = newline + 1
             self._line_from = pos - cut
-        if _has_bare_line_end(segment, cut):
+        if _has_bare_line_end(segment, cut, odd):
             if not self.limits.accept_bare_line_endings:
                 self._refuse_content(BARE_LINE_END_IN_DATA)
                 return
             # Unstuff first, so that only real CRLF-dot line starts lose their dot.
-            piece = segment[:cut].replace(_DOT_LINE, b"\r\n")
-            self._keep(_BARE_LINE_END.sub(b"\r\n", piece)[self._skip :])
-        elif dotted:
-            self._keep(memoryview(segment[:cut].replace(_DOT_LINE, b"\r\n"))[self._skip :])
+            piece = segment[:cut].replace(_DOT_LINE, _CRLF)
+            self._keep(_BARE_LINE_END.sub(_CRLF, piece)[self._skip :])
+        elif odd < cut:
+            self._keep(memoryview(segment[:cut].replace(_DOT_LINE, _CRLF))[self._skip :])
         else:
             # Nothing to unstuff: keep a view of the segment, not a copy (join takes views).
             self._keep(memoryview(segment)[self._skip : cut])
