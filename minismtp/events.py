@@ -84,7 +84,7 @@ class Data(Event):
     transaction, pieces)``; a single ``bytes`` will do too), and ``data`` joins them when
     first read. The App builds its Message with :meth:`prefixed`, which puts the trace header
     in front in that same join: a message nobody looked at on the way is copied once, not
-    twice (10 MB messages made that second copy a tenth of the server's CPU).
+    twice (with 10 MB messages, each copy is about a tenth of the server's CPU).
     """
 
     transaction: Transaction
