@@ -65,7 +65,7 @@ class MessageSizeLimit:
                 if len(self._ehlo_replies) < 16:
                     self._ehlo_replies[key] = adjusted
             return adjusted
-        if isinstance(event, Data) and len(event.data) > self.max_bytes:
+        if isinstance(event, Data) and event.size > self.max_bytes:
             return TOO_BIG
         return await self.app(event)
 

@@ -318,7 +318,7 @@ class App:
             id=message_id,
             mail_from=transaction.mail_from,
             rcpt_to=tuple(transaction.rcpt_to),
-            data=trace + event.data,
+            data=event.prefixed(trace),  # one copy of the content, not two
             peer=session.peer,
             helo_name=session.helo_name,
             tls=session.tls,

@@ -6,7 +6,8 @@ engine then records the sender, the recipient or the message; anything else refu
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import cast
 
 import attrs
 
@@ -55,16 +56,61 @@ class Rcpt(Event):
     params: dict[str, str | None]
 
 
+Piece = bytes | memoryview
+
+
+def _as_pieces(data: bytes | Iterable[Piece]) -> list[Piece]:
+    if isinstance(data, bytes | bytearray | memoryview):
+        return [bytes(data)]
+    return list(data)
+
+
+def _same_content(a: list[Piece], b: list[Piece]) -> bool:
+    return b"".join(a) == b"".join(b)
+
+
+def _describe_content(pieces: list[Piece]) -> str:
+    return f"<{sum(map(len, pieces))} octets>"
+
+
 @attrs.frozen
 class Data(Event):
     """The complete message of ``transaction`` (DATA or BDAT ... LAST), before it is accepted.
 
     ``data`` is the content exactly as the client meant it: dot-unstuffed, without the
     terminating ``.``; no trace header has been added yet.
+
+    The engine hands the content over in the pieces it arrived in (``Data(session,
+    transaction, pieces)``; a single ``bytes`` will do too), and ``data`` joins them when
+    first read. The App builds its Message with :meth:`prefixed`, which puts the trace header
+    in front in that same join: a message nobody looked at on the way is copied once, not
+    twice (with 10 MB messages, each copy is about a tenth of the server's CPU).
     """
 
     transaction: Transaction
-    data: bytes
+    _pieces: list[Piece] = attrs.field(
+        alias="data",
+        converter=_as_pieces,
+        eq=attrs.cmp_using(eq=_same_content),
+        hash=False,
+        repr=_describe_content,
+    )
+
+    @property
+    def data(self) -> bytes:
+        pieces = self._pieces
+        if len(pieces) != 1 or not isinstance(pieces[0], bytes):
+            pieces[:] = [b"".join(pieces)]  # joined once: the pieces go, the bytes stay
+        return cast(bytes, pieces[0])
+
+    @property
+    def size(self) -> int:
+        """Octets of content: ``len(data)``, without joining it."""
+        return sum(map(len, self._pieces))
+
+    def prefixed(self, prefix: bytes) -> bytes:
+        """``prefix + data`` in one copy of the content (the App's trace header goes first)."""
+        return b"".join((prefix, *self._pieces))
 
 
 AppEvent = Connect | Helo | Mail | Rcpt | Data

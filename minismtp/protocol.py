@@ -121,7 +121,25 @@ TOO_MANY_JUNK = _r(421, "4.7.0", "Too many commands without a message, closing c
 _HTTP_PROBES = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"CONNECT ", b"OPTIONS ", b"DELETE ")
 _HEADER_NAME = re.compile(rb"[A-Za-z][A-Za-z0-9-]*:")
 _BARE_LINE_END = re.compile(rb"\r\n|\r|\n")
-_END_OF_DATA = b"\r\n.\r\n"
+# A CR not followed by LF; an LF not preceded by CR; an LF that is bare or starts a line with
+# a dot (stuffed, or the end of data). Each pattern starts with one literal octet, which the
+# re module finds with a tight scan in C; only where it finds one does it look around. That
+# costs about half of counting CRLF, CR and LF on 80-octet lines, but more on short ones (a
+# message of empty lines about 9 ms/MB, five times the counts).
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_BARE_LF = re.compile(rb"\n(?<!\r\n)")
+_DOT_LINE_OR_BARE_LF = re.compile(rb"\n(?:\.|(?<!\r\n))")
+# The re module also finds these literals faster than bytes.find() and bytes.replace() do
+# (0.3 against 0.44 ms/MB for the end of data; 0.8 against 1.2 to unstuff every line).
+_END_OF_DATA = re.compile(rb"\r\n\.\r\n")
+_UNSTUFF = re.compile(rb"\r\n\.")  # a CRLF-dot line start loses its dot
+_CRLF = b"\r\n"
+
+
+def _has_bare_line_end(data: bytes, end: int, lf_from: int = 0) -> bool:
+    """Whether ``data[:end]`` holds a CR or LF outside a CRLF (no bare LF is before
+    ``lf_from``)."""
+    return bool(_BARE_CR.search(data, 0, end) or _BARE_LF.search(data, lf_from, end))
 
 
 def _reply_with_status(reply: Reply) -> bytes:
@@ -555,61 +573,65 @@ class Engine:
     # -- message content --------------------------------------------------------------------
 
     def _receive_dotted(self) -> Event | NeedData | Closed | None:
-        """DATA content: each read is searched once for CRLF.CRLF and settled whole."""
+        """DATA content: each read is scanned a few times in C, whole, never line by line."""
         incoming = self._incoming
         if not incoming:
             return self._lost() if self._eof else NEED_DATA
-        segment = self._tail + incoming.pop(0)
-        end = segment.find(_END_OF_DATA)
-        if end < 0:
-            # Settle up to the last CRLF: no stuffed dot or end of data can straddle that cut.
-            cut = segment.rfind(b"\r\n")
-            if cut < 0:
-                cut = len(segment) - 1 if segment.endswith(b"\r") else len(segment)
-            self._settle(segment, cut)
-            self._tail = segment[cut:]
-            return None
-        self._settle(segment[: end + 2], end + 2)
-        self._tail = b""
-        self._state = _State.COMMAND
-        self._buf += memoryview(segment)[end + 5 :]
-        for chunk in incoming:
-            self._buf += chunk
+        # What is left of the last read (from its last CRLF on) goes in front, so that an end
+        # of data or a stuffed dot split between two reads is seen whole.
+        segment = b"".join((self._tail, *incoming))
         incoming.clear()
-        return self._finish_content()
+        # Settle up to the last CRLF: no stuffed dot or end of data can straddle that cut.
+        # (There is one: the tail starts with a CRLF, DATA's own or the last cut's.)
+        cut = segment.rfind(_CRLF)
+        # Most reads of most messages have no line that starts with a dot, and then there is
+        # nothing to unstuff and no end of data: the scan for bare LFs tells on the way.
+        found = _DOT_LINE_OR_BARE_LF.search(segment, 0, cut)
+        odd = cut if found is None else found.start()
+        if found is not None and (end := _END_OF_DATA.search(segment, odd - 1)) is not None:
+            content_end = end.start() + 2  # up to the CRLF before the dot
+            self._settle(segment, content_end, odd)
+            self._tail = b""
+            self._state = _State.COMMAND
+            self._buf += memoryview(segment)[end.end() :]
+            return self._finish_content()
+        self._settle(segment, cut, odd)
+        self._tail = segment[cut:]
+        return None
 
-    def _settle(self, segment: bytes, cut: int) -> None:
-        """Check, unstuff and keep ``segment[:cut]``, which holds whole CRLFs only.
+    def _settle(self, segment: bytes, cut: int, odd: int) -> None:
+        """Check, unstuff and keep ``segment[:cut]``.
 
-        ``cut`` is the length of ``segment`` or the start of its last CRLF.
+        ``cut`` is the start of the segment's last CRLF or the end of the content's last
+        CRLF; ``odd`` the first LF that starts a line with a dot or is bare (``cut``: none).
         """
         if self._content_failure is not None:
             return
         max_line = self.limits.max_text_line
         if max_line:
+            # Jump from line end to line end a line's maximum at a time: a few Python steps
+            # per kilobyte, whatever the lines are.
             pos = self._line_from
+            rfind = segment.rfind
             while cut - pos > max_line:
-                newline = segment.rfind(b"\n", max(pos, 0), pos + max_line)
+                newline = rfind(b"\n", pos if pos > 0 else 0, pos + max_line)
                 if newline < 0:
                     self._refuse_content(TEXT_LINE_TOO_LONG)
                     return
                 pos = newline + 1
             self._line_from = pos - cut
-        crlf = segment.count(b"\r\n", 0, cut)
-        if segment.count(b"\n", 0, cut) != crlf or segment.count(b"\r", 0, cut) != crlf:
+        if _has_bare_line_end(segment, cut, odd):
             if not self.limits.accept_bare_line_endings:
                 self._refuse_content(BARE_LINE_END_IN_DATA)
                 return
             # Unstuff first, so that only real CRLF-dot line starts lose their dot.
-            piece = segment[:cut].replace(b"\r\n.", b"\r\n")
-            self._keep(_BARE_LINE_END.sub(b"\r\n", piece)[self._skip :])
+            piece = _UNSTUFF.sub(_CRLF, segment[:cut])
+            self._keep(_BARE_LINE_END.sub(_CRLF, piece)[self._skip :])
+        elif odd < cut:
+            self._keep(memoryview(_UNSTUFF.sub(_CRLF, segment[:cut]))[self._skip :])
         else:
-            # Unstuffing keeps every CRLF, so the cut is the last CRLF of the result too;
-            # a view of it is kept, not a copy (join takes views).
-            unstuffed = segment.replace(b"\r\n.", b"\r\n")
-            if len(unstuffed) != len(segment):
-                cut = unstuffed.rfind(b"\r\n") if cut < len(segment) else len(unstuffed)
-            self._keep(memoryview(unstuffed)[self._skip : cut])
+            # Nothing to unstuff: keep a view of the segment, not a copy (join takes views).
+            self._keep(memoryview(segment)[self._skip : cut])
         if cut:
             self._skip = 0
 
@@ -649,8 +671,7 @@ class Engine:
             return None
         if failure is None:
             content = b"".join(self._parts)
-            crlf = content.count(b"\r\n")
-            if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
+            if _has_bare_line_end(content, len(content)):
                 if not self.limits.accept_bare_line_endings:
                     self._content_failure = BARE_LINE_END_IN_DATA
                 else:
@@ -667,11 +688,12 @@ class Engine:
             self._reply(failure)
             self._reset_transaction(int(failure[:3]))
             return None
-        content = b"".join(self._parts)
-        transaction.size = len(content)
+        # Handed over unjoined: the App joins them once, with its trace header in front.
+        data = Data(self.session, transaction, self._parts)
+        transaction.size = data.size
         self._parts = []
         self._size = 0
-        return Data(self.session, transaction, content)
+        return data
 
 
 _COMMANDS = {

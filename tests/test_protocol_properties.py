@@ -135,3 +135,34 @@ def test_smtp_smuggling_yields_one_message_or_a_rejection(fake_end: bytes, norma
             assert len(run.messages) == 1 and b"smuggled" in run.messages[0]
         else:
             assert run.messages == [] and "550 5.5.2" in run.replies[-2]
+
+
+CONTENT_TOKENS = [b"\r\n", b"\r", b"\n", b".", b"..", b"x", b"\r\n.", b"\r\n..", b"\r\n.\r", b".\n"]
+BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    text=st.lists(st.sampled_from(CONTENT_TOKENS), max_size=40).map(b"".join),
+    points=st.lists(st.integers(min_value=0), max_size=8),
+    normalise=st.booleans(),
+)
+def test_data_content_is_the_text_read_line_by_line(
+    text: bytes, points: list[int], normalise: bool
+) -> None:
+    """RFC 5321 4.1.1.4 and 4.5.2, read the simple way: the content runs to the first
+    CRLF.CRLF (counting the CRLF that ended the DATA line), each CRLF "." loses its dot, and a
+    CR or LF outside a CRLF refuses the message with 550 (or, normalising, becomes a CRLF)."""
+    wire = b"\r\n" + text + b"\r\n.\r\n"
+    raw = wire[: wire.find(b"\r\n.\r\n") + 2]  # up to the CRLF before the ending dot
+    run = drive(
+        cut(TX + text + b"\r\n.\r\nQUIT\r\n", points),
+        limits=Limits(accept_bare_line_endings=normalise, max_text_line=0),
+    )
+    unstuffed = raw.replace(b"\r\n.", b"\r\n")
+    if not BARE_CR_OR_LF.search(raw):
+        assert run.messages == [unstuffed[2:]]
+    elif normalise:
+        assert run.messages == [re.sub(rb"\r\n|\r|\n", b"\r\n", unstuffed)[2:]]
+    else:
+        assert run.messages == [] and "550 5.5.2" in run.codes

@@ -41,7 +41,7 @@ received = [0, 0]  # messages, bytes
 @bare.on_message
 async def count(message: Message) -> None:
     received[0] += 1
-    received[1] += len(message.original)
+    received[1] += message.size  # message.original would copy the content
 
 
 @atexit.register
