@@ -128,7 +128,7 @@ class Server:
     _accepting: anyio.CancelScope | None = None
     _clock: anyio.CancelScope | None = None
     _refused: int = 0  # connections refused since the last log line about it
-    _task_group: TaskGroup | None = None  # where connection tasks run
+    _asyncio_tasks: set[asyncio.Task[None]] = attrs.field(factory=set)  # the Protocol path's
     _asyncio_servers: list[asyncio.Server] = attrs.field(factory=list)
     _refusals_logged_at: float = float("-inf")
 
@@ -237,7 +237,6 @@ class Server:
     async def _accept_all(
         self, connections: TaskGroup, *, task_status: anyio.abc.TaskStatus[None]
     ) -> None:
-        self._task_group = connections
         stream_listeners = self._listeners
         if self.config.transport == "auto" and _running_asyncio():
             # Plain listeners get the Protocol path. Implicit TLS keeps anyio's streams: the
@@ -289,7 +288,7 @@ class Server:
     def _protocol_connection_made(self, wire: ProtocolWire, transport: asyncio.Transport) -> None:
         """The asyncio path's accept: called from ``connection_made``."""
         peer = _ip_address(transport.get_extra_info("peername"))
-        if self._stopping or self._task_group is None:
+        if self._stopping:
             transport.abort()
             return
         if self._active >= self.config.max_connections:
@@ -299,7 +298,12 @@ class Server:
             return
         self._active += 1
         local = _ip_address(transport.get_extra_info("sockname"))
-        self._task_group.start_soon(self._handle, wire, peer, local, False)
+        # A plain asyncio task, not one of the task group's: anyio's bookkeeping (a handle, a
+        # cancel scope and an event per task) would cost 2 KB per connection, and the server
+        # ends every session itself (stop() waits for them all).
+        task = asyncio.get_running_loop().create_task(self._handle(wire, peer, local, False))
+        self._asyncio_tasks.add(task)  # the loop itself keeps only a weak reference
+        task.add_done_callback(self._asyncio_tasks.discard)
 
     def _note_refusal(self, peer: tuple[str, int]) -> None:
         # One line per ten seconds at most: a flood must not flood the log as well.
