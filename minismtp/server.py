@@ -65,6 +65,7 @@ TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again late
 TALKED_FIRST = Reply(554, "5.5.1", "Protocol error: talked before greeting")
 
 _NEVER = float("inf")
+_BACKLOG = 65536  # connections the kernel may queue before accept(), as in anyio's listeners
 _QUEUED_AS = re.compile(r"queued as (\S+)")
 # Session deadlines are ours alone (set here, checked by our clock task), so the cheapest
 # monotonic clock will do: anyio.current_time() looks the backend up on every call.
@@ -249,7 +250,11 @@ class Server:
                     factory = functools.partial(
                         ProtocolWire, self._protocol_connection_made, self.config.read_size
                     )
-                    self._asyncio_servers.append(await loop.create_server(factory, sock=sock))
+                    # create_server() listens again, by default with a queue of 100: too short
+                    # for a burst of clients (a full queue drops handshakes, and a client whose
+                    # last ACK was dropped waits for a greeting that never comes).
+                    asyncio_server = await loop.create_server(factory, sock=sock, backlog=_BACKLOG)
+                    self._asyncio_servers.append(asyncio_server)
         async with anyio.create_task_group() as accepting:
             self._accepting = accepting.cancel_scope
             for listener, implicit_tls in stream_listeners:
