@@ -45,7 +45,26 @@ class UsageError(Exception):
     """A problem with what was asked for: one line on stderr, exit status 2."""
 
 
+class _Formatter(argparse.HelpFormatter):
+    def __init__(self, prog: str) -> None:
+        # The width argparse would get from shutil.get_terminal_size(), whose import (with
+        # zlib, bz2 and lzma) would cost the server half a megabyte of memory.
+        columns = os.environ.get("COLUMNS", "")
+        if columns.isdigit():
+            width = int(columns)
+        else:
+            try:
+                width = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+            except (AttributeError, ValueError, OSError):  # no stdout, or not a terminal
+                width = 80
+        super().__init__(prog, width=width - 2)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         # One line, not argparse's usage block: the user asked for --help if they want it.
         self.exit(2, f"minismtp: error: {message} (see 'minismtp run --help')\n")

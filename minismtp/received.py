@@ -16,7 +16,6 @@ import functools
 import ipaddress
 import re
 import time
-from email.utils import formatdate
 
 from minismtp.types import Session, Transaction
 
@@ -39,6 +38,9 @@ def address_literal(host: str) -> str | None:
 
 
 _date_cache: tuple[int, str] = (-1, "")
+# RFC 5322 3.3: English names, whatever the locale (so not time.strftime's %a and %b).
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 def rfc5322_date(when: float) -> str:
@@ -47,7 +49,15 @@ def rfc5322_date(when: float) -> str:
     second = int(when)
     cached_second, date = _date_cache
     if cached_second != second:
-        date = formatdate(second, localtime=True)
+        # A few lines rather than email.utils.formatdate, whose import (the email package,
+        # datetime, calendar) costs the server half a megabyte.
+        t = time.localtime(second)
+        sign, offset = ("-", -t.tm_gmtoff) if t.tm_gmtoff < 0 else ("+", t.tm_gmtoff)
+        hours, minutes = divmod(offset // 60, 60)
+        date = (
+            f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} {sign}{hours:02d}{minutes:02d}"
+        )
         _date_cache = (second, date)
     return date
 

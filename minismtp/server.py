@@ -66,6 +66,7 @@ TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again late
 TALKED_FIRST = Reply(554, "5.5.1", "Protocol error: talked before greeting")
 
 _NEVER = float("inf")
+_BACKLOG = 65536  # connections the kernel may queue before accept(), as in anyio's listeners
 # Session deadlines are ours alone (set here, checked by our clock task), so the cheapest
 # monotonic clock will do: anyio.current_time() looks the backend up on every call.
 _now = time.monotonic
@@ -128,7 +129,7 @@ class Server:
     _accepting: anyio.CancelScope | None = None
     _clock: anyio.CancelScope | None = None
     _refused: int = 0  # connections refused since the last log line about it
-    _task_group: TaskGroup | None = None  # where connection tasks run
+    _asyncio_tasks: set[asyncio.Task[None]] = attrs.field(factory=set)  # the Protocol path's
     _asyncio_servers: list[asyncio.Server] = attrs.field(factory=list)
     _refusals_logged_at: float = float("-inf")
 
@@ -237,7 +238,6 @@ class Server:
     async def _accept_all(
         self, connections: TaskGroup, *, task_status: anyio.abc.TaskStatus[None]
     ) -> None:
-        self._task_group = connections
         stream_listeners = self._listeners
         if self.config.transport == "auto" and _running_asyncio():
             # Plain listeners get the Protocol path. Implicit TLS keeps anyio's streams: the
@@ -250,7 +250,11 @@ class Server:
                     factory = functools.partial(
                         ProtocolWire, self._protocol_connection_made, self.config.read_size
                     )
-                    self._asyncio_servers.append(await loop.create_server(factory, sock=sock))
+                    # create_server() listens again, by default with a queue of 100: too short
+                    # for a burst of clients (a full queue drops handshakes, and a client whose
+                    # last ACK was dropped waits for a greeting that never comes).
+                    asyncio_server = await loop.create_server(factory, sock=sock, backlog=_BACKLOG)
+                    self._asyncio_servers.append(asyncio_server)
         async with anyio.create_task_group() as accepting:
             self._accepting = accepting.cancel_scope
             for listener, implicit_tls in stream_listeners:
@@ -296,7 +300,7 @@ class Server:
     def _protocol_connection_made(self, wire: ProtocolWire, transport: asyncio.Transport) -> None:
         """The asyncio path's accept: called from ``connection_made``."""
         peer = _ip_address(transport.get_extra_info("peername"))
-        if self._stopping or self._task_group is None:
+        if self._stopping:
             transport.abort()
             return
         if self._active >= self.config.max_connections:
@@ -306,7 +310,12 @@ class Server:
             return
         self._active += 1
         local = _ip_address(transport.get_extra_info("sockname"))
-        self._task_group.start_soon(self._handle, wire, peer, local, False)
+        # A plain asyncio task, not one of the task group's: anyio's bookkeeping (a handle, a
+        # cancel scope and an event per task) would cost 2 KB per connection, and the server
+        # ends every session itself (stop() waits for them all).
+        task = asyncio.get_running_loop().create_task(self._handle(wire, peer, local, False))
+        self._asyncio_tasks.add(task)  # the loop itself keeps only a weak reference
+        task.add_done_callback(self._asyncio_tasks.discard)
 
     def _note_refusal(self, peer: tuple[str, int]) -> None:
         # One line per ten seconds at most: a flood must not flood the log as well.

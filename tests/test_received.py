@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Iterator
 from email.utils import formatdate, parsedate_to_datetime
 
 import pytest
 
-from minismtp.received import address_literal, received_header
+from minismtp import received
+from minismtp.received import address_literal, received_header, rfc5322_date
 from minismtp.types import Address, Session, TLSInfo, Transaction
 
 WHEN = 1_700_000_000.0
@@ -53,6 +56,31 @@ def test_rfc5322_date_is_the_acceptance_time() -> None:
     date = header().rsplit("; ", 1)[1].strip()
     assert parsedate_to_datetime(date).timestamp() == WHEN
     assert re.fullmatch(r"\w{3}, \d{2} \w{3} \d{4} \d{2}:\d{2}:\d{2} [+-]\d{4}", date)
+
+
+@pytest.fixture
+def local_zone(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    yield
+    monkeypatch.undo()  # the TZ the test set, before tzset() reads it back
+    time.tzset()
+
+
+@pytest.mark.parametrize(
+    ("zone", "offset"),
+    [("UTC", "+0000"), ("Asia/Kolkata", "+0530"), ("America/St_Johns", "-0330")],
+)
+def test_rfc5322_3_3_date_in_local_time_with_its_offset(
+    local_zone: None, monkeypatch: pytest.MonkeyPatch, zone: str, offset: str
+) -> None:
+    """Whole and half hours on either side of UTC, as email.utils.formatdate writes them."""
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    monkeypatch.setattr(received, "_date_cache", (-1, ""))  # dates of the last zone's second
+    for when in (WHEN, WHEN + 183 * 86400, 1_000_000_000):  # winter, summer, and 2001
+        date = rfc5322_date(when)
+        assert date == formatdate(when, localtime=True)
+        assert parsedate_to_datetime(date).timestamp() == when
+    assert rfc5322_date(WHEN).endswith(offset)
 
 
 def test_rfc5321_7_2_for_clause_only_with_exactly_one_recipient() -> None:
