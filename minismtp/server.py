@@ -26,18 +26,18 @@ Use it as ``async with serve(app, host, port) as server:``, or through the seed'
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import logging
 import os
 import socket
 import ssl
+import sys
 import time
 from collections.abc import AsyncIterator, Coroutine, Generator, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Any, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeGuard, cast
 
 import anyio
 import attrs
@@ -53,7 +53,12 @@ from minismtp.protocol import NEED_DATA, Closed, Engine, Limits, NeedData, Start
 from minismtp.proxy import LOOPBACK, IPNetwork, ProxyError, is_trusted, read_proxy_header
 from minismtp.tls import TLSConfig, TLSHandshakeFailed
 from minismtp.types import Message, Reply, Session
-from minismtp.wires import ProtocolWire, StreamWire, TrioSocketWire, Wire
+from minismtp.wires import StreamWire, TrioSocketWire, Wire
+
+if TYPE_CHECKING:  # imported on the asyncio path only: trio need not load asyncio (~1.4 MB)
+    import asyncio
+
+    from minismtp.asyncio_wire import ProtocolWire
 
 log = logging.getLogger("minismtp.server")
 _transaction_line = InfoLine(log)
@@ -243,6 +248,10 @@ class Server:
             # Plain listeners get the Protocol path. Implicit TLS keeps anyio's streams: the
             # ClientHello may come with the connection, before start_tls() could take it.
             stream_listeners = [(lst, tls) for lst, tls in self._listeners if tls]
+            import asyncio
+
+            from minismtp.asyncio_wire import ProtocolWire
+
             loop = asyncio.get_running_loop()
             for listener, implicit_tls in self._listeners:
                 if not implicit_tls:
@@ -313,7 +322,7 @@ class Server:
         # A plain asyncio task, not one of the task group's: anyio's bookkeeping (a handle, a
         # cancel scope and an event per task) would cost 2 KB per connection, and the server
         # ends every session itself (stop() waits for them all).
-        task = asyncio.get_running_loop().create_task(self._handle(wire, peer, local, False))
+        task = wire.loop.create_task(self._handle(wire, peer, local, False))
         self._asyncio_tasks.add(task)  # the loop itself keeps only a weak reference
         task.add_done_callback(self._asyncio_tasks.discard)
 
@@ -392,12 +401,6 @@ class Server:
         if rest:
             wire.unread(rest)
         return header.peer(peer), header.local(local)
-
-
-# Running App code from a Protocol callback as if in the connection's task (see
-# _Connection._read_inline) needs asyncio's own way to say which task is running.
-_enter_task = getattr(asyncio.tasks, "_enter_task", None)
-_leave_task = getattr(asyncio.tasks, "_leave_task", None)
 
 
 @attrs.frozen
@@ -520,8 +523,8 @@ class _Connection:
         try:
             if implicit_tls and not await self._start_tls(implicit=True):
                 return
-            if isinstance(self.wire, ProtocolWire) and _enter_task is not None:
-                self._task = asyncio.current_task()
+            if _is_protocol_wire(self.wire) and self.wire.can_enter_task:
+                self._task = self.wire.current_task()
                 self.wire.inline_reader = self._read_inline
             while True:
                 step, self._step = self._step or self._advance(), None
@@ -555,7 +558,7 @@ class _Connection:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError) as exc:
             log.debug("session %s: connection lost: %r", session.id, exc)
         finally:
-            if isinstance(self.wire, ProtocolWire):
+            if _is_protocol_wire(self.wire):
                 self.wire.inline_reader = None
 
     def _advance(self) -> _Step:
@@ -600,11 +603,9 @@ class _Connection:
         if not self._reading_inline or self._closing is not None:
             return False
         wire = self.wire
-        assert isinstance(wire, ProtocolWire) and self._task is not None
-        assert _enter_task is not None and _leave_task is not None
-        loop = self._task.get_loop()
+        assert _is_protocol_wire(wire) and self._task is not None
         try:
-            _enter_task(loop, self._task)
+            wire.enter_task(self._task)
         except RuntimeError:  # called from within some task after all: the usual way then
             return False
         try:
@@ -623,7 +624,7 @@ class _Connection:
         except BaseException as exc:  # raised in the task, not in the loop
             self._step = exc
         finally:
-            _leave_task(loop, self._task)
+            wire.leave_task(self._task)
         self._reading_inline = False
         wire.wake()
         return True
@@ -763,11 +764,20 @@ class _Connection:
 
 
 def _running_asyncio() -> bool:
+    asyncio = sys.modules.get("asyncio")  # not imported: not running (trio need not load it)
+    if asyncio is None:
+        return False
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return False
     return True
+
+
+def _is_protocol_wire(wire: Wire) -> TypeGuard[ProtocolWire]:
+    # Its module is imported on the asyncio path only: no module, no ProtocolWire.
+    module = sys.modules.get("minismtp.asyncio_wire")
+    return module is not None and isinstance(wire, module.ProtocolWire)
 
 
 def _ip_address(address: Any) -> tuple[str, int]:

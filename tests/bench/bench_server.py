@@ -24,8 +24,8 @@ from typing import Any
 import anyio
 
 from minismtp import logs
+from minismtp.asyncio_wire import ProtocolWire
 from minismtp.server import Server, ServerConfig
-from minismtp.wires import ProtocolWire
 from tests.bench.minismtp_app import app, bare
 
 BODY = b"Subject: x\r\n\r\n" + (b"y" * 98 + b"\r\n") * 10
