@@ -26,22 +26,22 @@ Use it as ``async with serve(app, host, port) as server:``, or through the seed'
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import logging
 import os
 import socket
 import ssl
+import sys
 import time
-from collections.abc import AsyncIterator, Coroutine, Generator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Any, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeGuard, cast
 
 import anyio
 import attrs
-from anyio.abc import SocketAttribute, SocketListener, TaskGroup
+from anyio.abc import SocketAttribute, SocketListener
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from minismtp.app import App
@@ -53,7 +53,15 @@ from minismtp.protocol import NEED_DATA, Closed, Engine, Limits, NeedData, Start
 from minismtp.proxy import LOOPBACK, IPNetwork, ProxyError, is_trusted, read_proxy_header
 from minismtp.tls import TLSConfig, TLSHandshakeFailed
 from minismtp.types import Message, Reply, Session
-from minismtp.wires import ProtocolWire, StreamWire, TrioSocketWire, Wire
+from minismtp.wires import StreamWire, TrioSocketWire, Wire
+
+if TYPE_CHECKING:  # imported on the asyncio path only: trio need not load asyncio (~1.4 MB)
+    import asyncio
+
+    from minismtp.asyncio_wire import ProtocolWire
+
+# How _accept starts a session's task: a task group's or a nursery's start_soon.
+_StartSession = Callable[..., object]
 
 log = logging.getLogger("minismtp.server")
 _transaction_line = InfoLine(log)
@@ -236,13 +244,17 @@ class Server:
     # -- accepting ------------------------------------------------------------------------
 
     async def _accept_all(
-        self, connections: TaskGroup, *, task_status: anyio.abc.TaskStatus[None]
+        self, start_session: _StartSession, *, task_status: anyio.abc.TaskStatus[None]
     ) -> None:
         stream_listeners = self._listeners
         if self.config.transport == "auto" and _running_asyncio():
             # Plain listeners get the Protocol path. Implicit TLS keeps anyio's streams: the
             # ClientHello may come with the connection, before start_tls() could take it.
             stream_listeners = [(lst, tls) for lst, tls in self._listeners if tls]
+            import asyncio
+
+            from minismtp.asyncio_wire import ProtocolWire
+
             loop = asyncio.get_running_loop()
             for listener, implicit_tls in self._listeners:
                 if not implicit_tls:
@@ -258,11 +270,11 @@ class Server:
         async with anyio.create_task_group() as accepting:
             self._accepting = accepting.cancel_scope
             for listener, implicit_tls in stream_listeners:
-                accepting.start_soon(self._accept, listener, implicit_tls, connections)
+                accepting.start_soon(self._accept, listener, implicit_tls, start_session)
             task_status.started()
 
     async def _accept(
-        self, listener: SocketListener, implicit_tls: bool, connections: TaskGroup
+        self, listener: SocketListener, implicit_tls: bool, start_session: _StartSession
     ) -> None:
         read_size = self.config.read_size
         # On trio (anyio's other backend), its socket itself, unless asked for the streams.
@@ -295,7 +307,17 @@ class Server:
                 wire = TrioSocketWire.over(stream, read_size)
             else:
                 wire = StreamWire(stream, read_size)
-            connections.start_soon(self._handle, wire, peer, local, implicit_tls)
+            start_session(self._handle, wire, peer, local, implicit_tls)
+
+    async def _trio_sessions(self, *, task_status: anyio.abc.TaskStatus[_StartSession]) -> None:
+        """Where the sessions run on trio: a nursery of the server's own, without anyio's
+        per-task bookkeeping (a handle and a wrapping coroutine, ~1.4 KB per connection).
+        It stays open until stop() has seen every session end."""
+        import trio
+
+        async with trio.open_nursery() as nursery:
+            task_status.started(nursery.start_soon)
+            await self._stopped.wait()
 
     def _protocol_connection_made(self, wire: ProtocolWire, transport: asyncio.Transport) -> None:
         """The asyncio path's accept: called from ``connection_made``."""
@@ -313,7 +335,7 @@ class Server:
         # A plain asyncio task, not one of the task group's: anyio's bookkeeping (a handle, a
         # cancel scope and an event per task) would cost 2 KB per connection, and the server
         # ends every session itself (stop() waits for them all).
-        task = asyncio.get_running_loop().create_task(self._handle(wire, peer, local, False))
+        task = wire.loop.create_task(self._handle(wire, peer, local, False))
         self._asyncio_tasks.add(task)  # the loop itself keeps only a weak reference
         task.add_done_callback(self._asyncio_tasks.discard)
 
@@ -392,12 +414,6 @@ class Server:
         if rest:
             wire.unread(rest)
         return header.peer(peer), header.local(local)
-
-
-# Running App code from a Protocol callback as if in the connection's task (see
-# _Connection._read_inline) needs asyncio's own way to say which task is running.
-_enter_task = getattr(asyncio.tasks, "_enter_task", None)
-_leave_task = getattr(asyncio.tasks, "_leave_task", None)
 
 
 @attrs.frozen
@@ -520,8 +536,8 @@ class _Connection:
         try:
             if implicit_tls and not await self._start_tls(implicit=True):
                 return
-            if isinstance(self.wire, ProtocolWire) and _enter_task is not None:
-                self._task = asyncio.current_task()
+            if _is_protocol_wire(self.wire) and self.wire.can_enter_task:
+                self._task = self.wire.current_task()
                 self.wire.inline_reader = self._read_inline
             while True:
                 step, self._step = self._step or self._advance(), None
@@ -555,7 +571,7 @@ class _Connection:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError) as exc:
             log.debug("session %s: connection lost: %r", session.id, exc)
         finally:
-            if isinstance(self.wire, ProtocolWire):
+            if _is_protocol_wire(self.wire):
                 self.wire.inline_reader = None
 
     def _advance(self) -> _Step:
@@ -600,11 +616,9 @@ class _Connection:
         if not self._reading_inline or self._closing is not None:
             return False
         wire = self.wire
-        assert isinstance(wire, ProtocolWire) and self._task is not None
-        assert _enter_task is not None and _leave_task is not None
-        loop = self._task.get_loop()
+        assert _is_protocol_wire(wire) and self._task is not None
         try:
-            _enter_task(loop, self._task)
+            wire.enter_task(self._task)
         except RuntimeError:  # called from within some task after all: the usual way then
             return False
         try:
@@ -623,7 +637,7 @@ class _Connection:
         except BaseException as exc:  # raised in the task, not in the loop
             self._step = exc
         finally:
-            _leave_task(loop, self._task)
+            wire.leave_task(self._task)
         self._reading_inline = False
         wire.wake()
         return True
@@ -763,11 +777,20 @@ class _Connection:
 
 
 def _running_asyncio() -> bool:
+    asyncio = sys.modules.get("asyncio")  # not imported: not running (trio need not load it)
+    if asyncio is None:
+        return False
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return False
     return True
+
+
+def _is_protocol_wire(wire: Wire) -> TypeGuard[ProtocolWire]:
+    # Its module is imported on the asyncio path only: no module, no ProtocolWire.
+    module = sys.modules.get("minismtp.asyncio_wire")
+    return module is not None and isinstance(wire, module.ProtocolWire)
 
 
 def _ip_address(address: Any) -> tuple[str, int]:
@@ -836,7 +859,10 @@ async def serve(
             (server.tls_addresses if implicit_tls else server.addresses).append(address)
         async with app.serving(), anyio.create_task_group() as connections:
             await connections.start(server._watch_clocks)
-            await connections.start(server._accept_all, connections)
+            start_session: _StartSession = connections.start_soon
+            if not _running_asyncio():
+                start_session = await connections.start(server._trio_sessions)
+            await connections.start(server._accept_all, start_session)
             try:
                 yield server
             except BaseException:

@@ -10,11 +10,9 @@ anyio's streams everywhere, as the portable path.
 
 from __future__ import annotations
 
-import asyncio
 import socket
-import ssl
 from collections.abc import Awaitable, Callable
-from typing import Protocol, cast
+from typing import Protocol
 
 import anyio
 import attrs
@@ -22,7 +20,7 @@ from anyio.abc import ByteStream, SocketAttribute, SocketStream
 from anyio.streams.buffered import BufferedByteStream
 from anyio.streams.tls import TLSAttribute
 
-from minismtp.tls import TLSConfig, TLSHandshakeFailed, tls_info
+from minismtp.tls import TLSConfig, tls_info
 from minismtp.types import TLSInfo
 
 
@@ -76,173 +74,6 @@ class StreamWire:
 
     async def aclose(self) -> None:
         await anyio.aclose_forcefully(self.stream)
-
-
-class ProtocolWire(asyncio.Protocol):
-    """A plain ``asyncio.Protocol`` (asyncio and uvloop): the loop calls it with each chunk
-    and the connection task takes whatever has arrived, without a stream layer in between.
-
-    Reading pauses while ``read_size`` bytes wait unread, so memory stays bounded; writes
-    wait for the transport's buffer to drain (``pause_writing``/``resume_writing``).
-    """
-
-    def __init__(
-        self, on_connection_made: Callable[[ProtocolWire, asyncio.Transport], None], read_size: int
-    ) -> None:
-        self._on_connection_made = on_connection_made
-        self._limit = read_size
-        self._transport: asyncio.Transport | None = None
-        # Kept: asyncio.get_running_loop() costs a getpid() system call on every call.
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._paused = False
-        self._eof = False
-        self._lost = False
-        self._tls = False
-        self._reader: asyncio.Future[None] | None = None
-        self._drained: asyncio.Future[None] | None = None
-        self._woken = False
-        #: Offered each chunk while the task waits in receive() with nothing queued; True if
-        #: it took the chunk (the session's fast path, ``_Connection._read_inline``).
-        self.inline_reader: Callable[[bytes], bool] | None = None
-
-    # -- the loop's side
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports quack like asyncio.Transport without subclassing it.
-        self._transport = cast(asyncio.Transport, transport)
-        self._loop = asyncio.get_running_loop()
-        self._on_connection_made(self, self._transport)
-
-    def data_received(self, data: bytes) -> None:
-        inline_reader = self.inline_reader
-        if inline_reader is not None and self._reader is not None and not self._chunks:
-            if not self._reader.done() and inline_reader(data):
-                return
-        self._chunks.append(data)
-        self._size += len(data)
-        if self._size >= self._limit and not self._paused and self._transport is not None:
-            self._paused = True
-            self._transport.pause_reading()
-        self._wake_reader()
-
-    def eof_received(self) -> bool:
-        self._eof = True
-        self._wake_reader()
-        # Keep a plain connection open for our last reply; TLS closes on its own.
-        return not self._tls
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = self._eof = True
-        self._wake_reader()
-        drained, self._drained = self._drained, None
-        if drained is not None and not drained.done():
-            drained.set_result(None)
-
-    def pause_writing(self) -> None:
-        assert self._loop is not None
-        self._drained = self._loop.create_future()
-
-    def resume_writing(self) -> None:
-        drained, self._drained = self._drained, None
-        if drained is not None and not drained.done():
-            drained.set_result(None)
-
-    def _wake_reader(self) -> None:
-        reader = self._reader
-        if reader is not None and not reader.done():
-            reader.set_result(None)
-
-    # -- the connection task's side
-
-    async def receive(self) -> bytes:
-        while not self._chunks:
-            if self._eof or self._woken:
-                self._woken = False
-                return b""
-            assert self._loop is not None
-            self._reader = self._loop.create_future()
-            try:
-                await self._reader
-            finally:
-                self._reader = None
-        chunks = self._chunks
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self._chunks = []
-        self._size = 0
-        if self._paused and self._transport is not None:
-            self._paused = False
-            self._transport.resume_reading()
-        return data
-
-    def unread(self, data: bytes) -> None:
-        self._chunks.insert(0, data)
-        self._size += len(data)
-
-    def wake(self) -> None:
-        """Make the receive() in progress return ``b""`` now (its caller knows why)."""
-        self._woken = True
-        self._wake_reader()
-
-    def write_nowait(self, data: bytes) -> bool:
-        """Write ``data`` out; False if the caller must then wait, as :meth:`send` would."""
-        if self._lost or self._transport is None:
-            return False
-        self._transport.write(data)
-        return self._drained is None
-
-    async def send(self, data: bytes) -> None:
-        if self._lost or self._transport is None:
-            raise anyio.BrokenResourceError("connection lost")
-        self._transport.write(data)
-        if self._drained is not None:
-            await self._drained
-            if self._lost:
-                raise anyio.BrokenResourceError("connection lost")
-
-    async def start_tls(self, tls: TLSConfig) -> TLSInfo:
-        # Whatever came in the clear after STARTTLS is dropped here, as in the engine.
-        self._chunks = []
-        self._size = 0
-        if self._paused and self._transport is not None:
-            self._paused = False
-            self._transport.resume_reading()
-        if self._lost or self._transport is None:
-            raise TLSHandshakeFailed("connection lost")
-        loop = asyncio.get_running_loop()
-        try:
-            with anyio.fail_after(tls.handshake_timeout):
-                transport = await loop.start_tls(
-                    self._transport,
-                    self,
-                    tls.context,
-                    server_side=True,
-                    # Our own deadline decides; this one only backs it up.
-                    ssl_handshake_timeout=tls.handshake_timeout + 1,
-                )
-        except ssl.SSLError as exc:
-            raise TLSHandshakeFailed(exc.reason or str(exc)) from None
-        except TimeoutError:
-            raise TLSHandshakeFailed(f"timed out after {tls.handshake_timeout:g} s") from None
-        except (OSError, RuntimeError) as exc:
-            raise TLSHandshakeFailed(f"connection lost ({type(exc).__name__})") from None
-        if transport is None or self._lost:
-            raise TLSHandshakeFailed("connection lost")
-        self._transport = transport
-        self._tls = True
-        return tls_info(transport.get_extra_info("ssl_object"))
-
-    async def aclose(self) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        if transport.get_write_buffer_size():
-            # The kernel's buffer is full too: the client is not reading, and close() would
-            # wait for it forever.
-            transport.abort()
-        else:
-            transport.close()
 
 
 _WaitFor = Callable[[socket.socket], Awaitable[None]]
@@ -349,4 +180,4 @@ class TrioSocketWire:
         await anyio.aclose_forcefully(self.stream if self._tls is None else self._tls.stream)
 
 
-__all__ = ["ProtocolWire", "StreamWire", "TrioSocketWire", "Wire"]
+__all__ = ["StreamWire", "TrioSocketWire", "Wire"]

@@ -14,10 +14,11 @@ import pytest
 from conftest import Connect, WireClient, drain, with_uvloop
 
 from minismtp.app import App
+from minismtp.asyncio_wire import ProtocolWire
 from minismtp.events import Event, Mail
 from minismtp.server import Server, ServerConfig, SmtpServer, serve
 from minismtp.types import Address, Message, Reply, Session, Transaction
-from minismtp.wires import ProtocolWire, StreamWire, TrioSocketWire
+from minismtp.wires import StreamWire, TrioSocketWire
 
 pytestmark = pytest.mark.anyio
 
@@ -28,9 +29,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> Any:
 
 
 BODY = b"From: a@example.com\r\nSubject: hello\r\n\r\nHello, world.\r\n"
-
-
-
 
 
 async def sendmail(port: int, sender: str, recipients: list[str], body: bytes = BODY) -> None:
@@ -447,7 +445,7 @@ async def test_anyio_stream_transport_on_every_loop(app: App, connect: Connect) 
 async def test_the_server_picks_the_wire_for_the_loop(
     app: App, connect: Connect, anyio_backend_name: str, transport: Any
 ) -> None:
-    """"auto": the asyncio Protocol on asyncio and uvloop, the socket itself on trio."""
+    """ "auto": the asyncio Protocol on asyncio and uvloop, the socket itself on trio."""
     expected = {
         ("auto", "asyncio"): ProtocolWire,
         ("auto", "trio"): TrioSocketWire,

@@ -24,8 +24,8 @@ from typing import Any
 import anyio
 
 from minismtp import logs
+from minismtp.asyncio_wire import ProtocolWire
 from minismtp.server import Server, ServerConfig
-from minismtp.wires import ProtocolWire
 from tests.bench.minismtp_app import app, bare
 
 BODY = b"Subject: x\r\n\r\n" + (b"y" * 98 + b"\r\n") * 10
@@ -93,8 +93,7 @@ class FakeClient:
 async def run(messages: int, pipelining: bool, sessions: int, use_bare: bool) -> float:
     target = bare if use_bare else app
     server = Server(target, ServerConfig())
-    async with target.serving(), anyio.create_task_group() as tasks:
-        server._task_group = tasks
+    async with target.serving():
         clients = []
         started = time.perf_counter()
         for _ in range(sessions):
