@@ -7,14 +7,14 @@ from typing import Any
 
 import attrs
 import pytest
+
+from minismtp.app import App
 from minismtp.contrib.access import ClientAccess
 from minismtp.contrib.domains import RecipientDomainFilter, SenderDomainFilter
 from minismtp.contrib.early_talker import EarlyTalker
 from minismtp.contrib.greylist import Greylist
 from minismtp.contrib.ratelimit import ConnectionLimit
 from minismtp.contrib.size import MessageSizeLimit
-
-from minismtp.app import App
 from minismtp.testing import TestClient
 from minismtp.types import Reply
 

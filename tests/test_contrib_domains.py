@@ -6,9 +6,9 @@ import smtplib
 
 import anyio
 import pytest
-from minismtp.contrib.domains import DomainList, RecipientDomainFilter, SenderDomainFilter
 
 from minismtp.app import App
+from minismtp.contrib.domains import DomainList, RecipientDomainFilter, SenderDomainFilter
 from minismtp.server import serve
 from minismtp.testing import TestClient
 from minismtp.types import Address, Reply, Transaction

@@ -8,10 +8,10 @@ from contextlib import AbstractAsyncContextManager
 import anyio
 import pytest
 from conftest import Connect
-from minismtp.contrib.access import ClientAccess
-from minismtp.contrib.early_talker import EarlyTalker
 
 from minismtp.app import App
+from minismtp.contrib.access import ClientAccess
+from minismtp.contrib.early_talker import EarlyTalker
 from minismtp.server import Server, ServerConfig, serve
 from minismtp.types import Session
 

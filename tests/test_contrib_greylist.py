@@ -8,6 +8,8 @@ from typing import Any
 import anyio
 import attrs
 import pytest
+
+from minismtp.app import App
 from minismtp.contrib.greylist import (
     Greylist,
     GreylistEntry,
@@ -15,8 +17,6 @@ from minismtp.contrib.greylist import (
     MemoryGreylistStore,
     Triplet,
 )
-
-from minismtp.app import App
 from minismtp.server import serve
 from minismtp.testing import TestClient
 from minismtp.types import Reply

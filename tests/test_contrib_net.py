@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from minismtp.contrib._net import BoundedMap, client_key
 
 

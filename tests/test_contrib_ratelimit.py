@@ -8,9 +8,9 @@ import anyio
 import attrs
 import pytest
 from conftest import Connect, WireClient
-from minismtp.contrib.ratelimit import ConnectionLimit
 
 from minismtp.app import App
+from minismtp.contrib.ratelimit import ConnectionLimit
 from minismtp.events import Handler
 from minismtp.server import ServerConfig, serve
 from minismtp.testing import TestClient

@@ -185,9 +185,6 @@ async def test_starttls_behind_a_v2_header_rfc3207(
     assert tls_server.metrics.tls_sessions == 1
 
 
-
-
-
 async def test_implicit_tls_behind_a_v2_header_rfc8314(
     tls_server: Server, sessions: list[Session], certs: Certificates
 ) -> None:

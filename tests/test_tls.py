@@ -29,9 +29,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> Any:
 BODY = b"Subject: secret\r\n\r\nOver TLS.\r\n"
 
 
-
-
-
 async def starttls(client: WireClient, certs: Certificates) -> None:
     assert (await client.reply()).startswith("220 mx.test ESMTP")
     assert "STARTTLS" in await client.command("EHLO client.example")
