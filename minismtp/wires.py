@@ -32,7 +32,12 @@ class Wire(Protocol):
     async def receive(self) -> bytes:
         """What the client sent next; ``b""`` once it has closed its side."""
 
-    async def send(self, data: bytes) -> None: ...
+    async def send(self, data: bytes) -> None:
+        """Write ``data`` after whatever :meth:`write_nowait` left; wait until it is taken."""
+
+    def write_nowait(self, data: bytes) -> bool:
+        """Write ``data`` as far as that takes no waiting; False if some is left, for the
+        caller to push with ``await send(b"")``."""
 
     def unread(self, data: bytes) -> None:
         """Put ``data`` back in front of what comes next (bytes after a PROXY header)."""
@@ -49,6 +54,7 @@ class StreamWire:
 
     stream: ByteStream
     read_size: int
+    _unsent: bytes = b""  # from write_nowait(), for the next send()
 
     async def receive(self) -> bytes:
         try:
@@ -57,7 +63,13 @@ class StreamWire:
             return b""
 
     async def send(self, data: bytes) -> None:
+        if self._unsent:
+            data, self._unsent = self._unsent + data, b""
         await self.stream.send(data)
+
+    def write_nowait(self, data: bytes) -> bool:
+        self._unsent += data  # a stream's every write may wait
+        return False
 
     def unread(self, data: bytes) -> None:
         # A buffered stream gives them to receive() and to the TLS handshake alike.
@@ -181,7 +193,7 @@ class ProtocolWire(asyncio.Protocol):
         self._wake_reader()
 
     def write_nowait(self, data: bytes) -> bool:
-        """Write ``data`` out; False if the caller must then wait, as :meth:`send` would."""
+        # The transport takes it all (False: it is over its high-water mark, or lost).
         if self._lost or self._transport is None:
             return False
         self._transport.write(data)
@@ -268,6 +280,7 @@ class TrioSocketWire:
     _wait_writable: _WaitFor
     _checkpoint: Callable[[], Awaitable[None]]
     _pending: bytes = b""  # given back by unread()
+    _unsent: bytes = b""  # what the kernel did not take from write_nowait()
     _tls: StreamWire | None = None
 
     @classmethod
@@ -302,6 +315,8 @@ class TrioSocketWire:
     async def send(self, data: bytes) -> None:
         if self._tls is not None:
             return await self._tls.send(data)
+        if self._unsent:
+            data, self._unsent = self._unsent + data, b""
         sent = self._send_now(data)
         if sent < len(data):
             # The client is slow to read: the rest goes as the kernel takes it.
@@ -309,6 +324,18 @@ class TrioSocketWire:
             while view:
                 await self._wait_writable(self._socket)
                 view = view[self._send_now(view) :]
+
+    def write_nowait(self, data: bytes) -> bool:
+        if self._tls is not None:
+            return self._tls.write_nowait(data)
+        if self._unsent:
+            self._unsent += data
+            return False
+        sent = self._send_now(data)
+        if sent < len(data):
+            self._unsent = data[sent:]
+            return False
+        return True
 
     def _send_now(self, data: bytes | memoryview) -> int:
         try:
