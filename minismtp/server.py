@@ -543,8 +543,8 @@ class _Connection:
                 step, self._step = self._step or self._advance(), None
                 if step is NEED_DATA:
                     out = engine.data_to_send()
-                    if out:
-                        await self._send(out)
+                    if out and not self.wire.write_nowait(out):
+                        await self._send(b"")  # the transport is full: wait until it takes it
                     data = await self._receive()
                     if data is not None:
                         engine.receive_data(data)

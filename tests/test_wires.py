@@ -108,7 +108,7 @@ async def test_a_waiting_receive_is_cancelled(make_wire: Callable[..., Wire]) ->
     """The session's timeouts and shutdown cancel its scope: a read that waits must end."""
     async with connection() as (server, client):
         wire = make_wire(server)
-        for _ in range(3):  # the socket wire tries the socket first once, then waits first
+        for _ in range(3):  # the socket wire yields, tries the socket, then waits
             with anyio.fail_after(5), anyio.move_on_after(0.05) as scope:
                 await wire.receive()
             assert scope.cancelled_caught
@@ -159,6 +159,33 @@ async def test_send_waits_for_a_client_that_does_not_read(make_wire: Callable[..
                 tasks.start_soon(read_all)
                 await wire.send(data)
         assert received == data
+
+
+async def test_write_nowait_leaves_the_rest_to_send(make_wire: Callable[..., Wire]) -> None:
+    """The session writes each batch of replies without waiting; what the transport does not
+    take at once goes out with the next send(), first and in order, once the client reads."""
+    data = bytes(range(256)) * (128 * 1024)  # 32 MiB: more than loopback's buffers hold
+    async with connection() as (server, client):
+        wire = make_wire(server)
+        with anyio.fail_after(5):
+            took = wire.write_nowait(b"250 OK\r\n")
+            assert took is isinstance(wire, TrioSocketWire)  # a stream's writes all wait
+            if not took:
+                await wire.send(b"")
+            assert await client.receive() == b"250 OK\r\n"
+        assert not wire.write_nowait(data)
+        assert not wire.write_nowait(b"221 Bye\r\n")  # behind the rest, not before it
+
+        async def read_all() -> None:
+            while len(received) < len(data) + 9:
+                received.extend(await client.receive())
+
+        received = bytearray()
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(read_all)
+                await wire.send(b"")
+        assert received == data + b"221 Bye\r\n"
 
 
 async def test_unread_bytes_come_first(make_wire: Callable[..., Wire]) -> None:
