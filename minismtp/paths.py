@@ -9,8 +9,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-
-import attrs
+from typing import NamedTuple
 
 from minismtp.types import Address
 
@@ -60,9 +59,11 @@ class UnknownParameter(ValueError):
     """A parameter we do not know or did not advertise (555 5.5.4)."""
 
 
-@attrs.frozen
-class Command:
-    """A parsed MAIL or RCPT argument: the path and its ESMTP parameters (upper-case keys)."""
+class Command(NamedTuple):
+    """A parsed MAIL or RCPT argument: the path and its ESMTP parameters (upper-case keys).
+
+    A NamedTuple, not an attrs class: two are made per message, and a tuple is cheaper.
+    """
 
     address: Address
     params: dict[str, str | None]
