@@ -615,8 +615,8 @@ class _Connection:
         """
         if not self._reading_inline or self._closing is not None:
             return False
-        wire = self.wire
-        assert _is_protocol_wire(wire) and self._task is not None
+        wire = cast("ProtocolWire", self.wire)  # the only wire that calls this
+        assert self._task is not None
         try:
             wire.enter_task(self._task)
         except RuntimeError:  # called from within some task after all: the usual way then
