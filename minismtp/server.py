@@ -644,7 +644,7 @@ class _Connection:
 
     async def _send(self, out: bytes) -> None:
         # A client that does not read its replies must not hold the slot forever.
-        self.deadline = _now() + self.server.config.idle_timeout
+        self.deadline = _now() + self._idle_timeout
         try:
             await self.wire.send(out)
         finally:
