@@ -126,3 +126,45 @@ def test_an_info_line_below_the_level_makes_no_record() -> None:
     logger.setLevel(logging.WARNING)
     InfoLine(logger)("not wanted")
     assert keep.records == []
+
+
+def test_an_info_line_to_the_batching_handler_alone_reads_as_logger_info_writes_it() -> None:
+    stream = WatchedStream()
+    logger, handler = make_logger(stream, interval=3600)
+    try:
+        InfoLine(logger)("transaction 1")
+        logger.info("transaction %d", 2)
+        handler.flush()
+        direct, usual = stream.getvalue().splitlines()
+        assert direct.split(" ", 2)[2] == f"INFO {logger.name}: transaction 1"
+        assert usual.split(" ", 2)[2] == f"INFO {logger.name}: transaction 2"
+        assert direct[:19] <= usual[:19]  # the date, to the second
+        assert direct[19] == "," and direct[20:23].isdigit()
+    finally:
+        handler.close()
+
+
+class Upper(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = str(record.msg).upper()
+        return True
+
+
+@pytest.mark.parametrize("where", ["logger", "handler"])
+def test_an_info_line_passes_through_filters_and_second_handlers(where: str) -> None:
+    stream = WatchedStream()
+    logger, handler = make_logger(stream, interval=3600)
+    keep = Keep()
+    try:
+        if where == "logger":
+            logger.addFilter(Upper())
+            logger.addHandler(keep)
+        else:
+            handler.addFilter(Upper())
+        InfoLine(logger)("filtered")
+        handler.flush()
+        assert stream.getvalue().endswith(": FILTERED\n")
+        if where == "logger":
+            assert [record.getMessage() for record in keep.records] == ["FILTERED"]
+    finally:
+        handler.close()
