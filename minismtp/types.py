@@ -15,17 +15,26 @@ def _check_code(_: Any, __: Any, code: int) -> None:
         raise ValueError(f"SMTP reply code out of range: {code}")
 
 
+# Replies are made per command (the App's "queued as <id>" per message): the few statuses in
+# use are checked once, then found in this set.
+_valid_statuses: set[str] = set()
+
+
 def _check_status(_: Any, __: Any, status: str | None) -> None:
-    if status is not None and not _STATUS.fullmatch(status):
+    if status is None or status in _valid_statuses:
+        return
+    if not _STATUS.fullmatch(status):
         raise ValueError(f"not an enhanced status code (RFC 3463): {status!r}")
+    if len(_valid_statuses) < 1024:
+        _valid_statuses.add(status)
 
 
 def _check_text(_: Any, __: Any, text: str | tuple[str, ...]) -> None:
-    # A CR or LF in reply text would let a hook inject a second reply on the wire.
     lines = (text,) if isinstance(text, str) else text
     if not lines:
         raise ValueError("a reply needs at least one line")
     for line in lines:
+        # A CR or LF in reply text would let a hook inject a second reply on the wire.
         if "\r" in line or "\n" in line:
             raise ValueError(f"reply text may not contain CR or LF: {line!r}")
 
@@ -34,7 +43,7 @@ def _to_text(text: str | list[str] | tuple[str, ...]) -> str | tuple[str, ...]:
     return text if isinstance(text, str) else tuple(text)
 
 
-@attrs.frozen(cache_hash=True)
+@attrs.frozen
 class Reply:
     """An SMTP reply: ``Reply(550, "5.7.1", "Relay access denied")``.
 
