@@ -75,14 +75,12 @@ def parse_path_and_params(text: str, prefix: str, *, utf8: bool) -> Command:
 
     A space after the colon is tolerated (many clients send one); nothing else is.
     """
-    if text[: len(prefix)].upper() != prefix:
-        raise PathError(f"expected {prefix}")
-    address, postmaster, params = _parse_path(text[len(prefix) :].lstrip(" "), utf8)
+    address, postmaster, params = _parse_path(text, prefix, utf8)
     return Command(address, parse_params(params, utf8=utf8) if params else {}, postmaster)
 
 
 @functools.lru_cache(maxsize=1024)
-def _parse_path(rest: str, utf8: bool) -> tuple[Address, bool, str]:
+def _parse_path(text: str, prefix: str, utf8: bool) -> tuple[Address, bool, str]:
     """The path, whether it is ``<postmaster>``, and the parameters' text.
 
     Cached: the same paths come again and again (an MX's own recipients, a sender's bulk
@@ -90,6 +88,9 @@ def _parse_path(rest: str, utf8: bool) -> tuple[Address, bool, str]:
     are parsed anew each time, since the dict is the transaction's own (middleware may change
     it). Paths that do not parse raise, and are not cached.
     """
+    if text[: len(prefix)].upper() != prefix:
+        raise PathError(f"expected {prefix}")
+    rest = text[len(prefix) :].lstrip(" ")
     match = (_PATH_UTF8 if utf8 else _PATH_ASCII).fullmatch(rest)
     if match is None:
         raise PathError("bad path syntax")

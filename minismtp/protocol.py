@@ -430,26 +430,31 @@ class Engine:
         text = self._text(arg)
         if text is None:
             return self._error(NOT_UTF8)
+        ascii_only = arg.isascii()
         try:
-            command = parse_path_and_params(text, "FROM:", utf8=not arg.isascii())
+            command = parse_path_and_params(text, "FROM:", utf8=not ascii_only)
             if command.postmaster:
                 raise PathError("<postmaster> is a recipient")
             params = command.params
-            if params and not session.esmtp:
-                return self._error(PARAMS_NEED_EHLO)
-            check_mail_params(params)
+            if params:
+                if not session.esmtp:
+                    return self._error(PARAMS_NEED_EHLO)
+                check_mail_params(params)
         except UnknownParameter:
             return self._error(_r(555, "5.5.4", "Unsupported parameter"))
         except ParameterError:
             return self._error(MAIL_SYNTAX)
         except PathError:
             return self._error(MAIL_SYNTAX if text[:5].upper() != "FROM:" else BAD_SENDER)
-        if not arg.isascii() and "SMTPUTF8" not in params:
+        if params:
+            if not ascii_only and "SMTPUTF8" not in params:
+                return self._error(NEED_SMTPUTF8)
+            size = params.get("SIZE")
+            if size is not None and int(size) > self.limits.max_message_size:
+                self._reply(TOO_BIG)
+                return None
+        elif not ascii_only:
             return self._error(NEED_SMTPUTF8)
-        size = params.get("SIZE")
-        if size is not None and int(size) > self.limits.max_message_size:
-            self._reply(TOO_BIG)
-            return None
         transaction = Transaction(
             session, command.address, params, max_size=self.limits.max_message_size
         )
@@ -467,7 +472,8 @@ class Engine:
             command = parse_path_and_params(text, "TO:", utf8=utf8)
             if command.address.is_null:
                 raise PathError("<> is not a recipient")
-            check_rcpt_params(command.params)
+            if command.params:
+                check_rcpt_params(command.params)
         except UnknownParameter:
             return self._error(_r(555, "5.5.4", "Unsupported parameter"))
         except ParameterError:
