@@ -6,6 +6,7 @@ A module of its own so that trio never imports asyncio (about 1.4 MB of memory).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections.abc import Callable
 from typing import Any, ClassVar, cast
@@ -62,21 +63,21 @@ class ProtocolWire(asyncio.Protocol):
     def current_task(self) -> asyncio.Task[Any] | None:
         return asyncio.current_task(self._loop)
 
-    def enter_task(self, task: asyncio.Task[Any]) -> None:
-        """Make ``task`` the current one; RuntimeError if a task is running already."""
-        assert _enter_task is not None and self._loop is not None
-        _enter_task(self._loop, task)
-
-    def leave_task(self, task: asyncio.Task[Any]) -> None:
-        assert _leave_task is not None and self._loop is not None
-        _leave_task(self._loop, task)
+    #: ``enter_task(task)`` makes ``task`` the current one (RuntimeError if a task is running
+    #: already), ``leave_task(task)`` ends that. asyncio's own functions, bound to the loop in
+    #: ``connection_made`` when ``can_enter_task``: they run on every inline read.
+    enter_task: Callable[[asyncio.Task[Any]], object]
+    leave_task: Callable[[asyncio.Task[Any]], object]
 
     # -- the loop's side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports quack like asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
+        if _enter_task is not None and _leave_task is not None:
+            self.enter_task = functools.partial(_enter_task, loop)
+            self.leave_task = functools.partial(_leave_task, loop)
         self._on_connection_made(self, self._transport)
 
     def data_received(self, data: bytes) -> None:

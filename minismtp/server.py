@@ -615,10 +615,10 @@ class _Connection:
         """
         if not self._reading_inline or self._closing is not None:
             return False
-        wire = cast("ProtocolWire", self.wire)  # the only wire that calls this
-        assert self._task is not None
+        wire: ProtocolWire = self.wire  # type: ignore[assignment]  # the only one calling this
+        task = self._task
         try:
-            wire.enter_task(self._task)
+            wire.enter_task(task)  # type: ignore[arg-type]  # set before inline_reader
         except RuntimeError:  # called from within some task after all: the usual way then
             return False
         try:
@@ -637,7 +637,7 @@ class _Connection:
         except BaseException as exc:  # raised in the task, not in the loop
             self._step = exc
         finally:
-            wire.leave_task(self._task)
+            wire.leave_task(task)  # type: ignore[arg-type]
         self._reading_inline = False
         wire.wake()
         return True
