@@ -331,7 +331,10 @@ class App:
     async def _accept(self, event: Data) -> Reply:
         message = self.build_message(event)
         try:
-            await self._hand_over(message)
+            if self.maildir is None:
+                self._send.send_nowait(message)  # the usual hand-over: no coroutine for it
+            else:
+                await self._store(message)
         except (OSError, anyio.ClosedResourceError, anyio.BrokenResourceError):
             logger.exception("could not hand over message %s; answered 451", message.id)
             return LOCAL_ERROR
@@ -353,10 +356,8 @@ class App:
             )
         return Reply(250, "2.0.0", f"OK queued as {message.id}")
 
-    async def _hand_over(self, message: Message) -> None:
-        if self.maildir is None:
-            self._send.send_nowait(message)
-            return
+    async def _store(self, message: Message) -> None:
+        assert self.maildir is not None
         await self.maildir.put(message.data)
         if self._message_hooks:
             try:

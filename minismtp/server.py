@@ -766,7 +766,7 @@ class _Connection:
                 metrics.transaction_finished(code)
             if not log.isEnabledFor(logging.INFO):
                 continue
-            recipients = ",".join(f"<{rcpt}>" for rcpt in transaction.rcpt_to)
+            recipients = ",".join([f"<{rcpt}>" for rcpt in transaction.rcpt_to])
             _transaction_line(
                 f"session {session.id} from {session.peer[0]} helo={session.helo_name} "
                 f"from=<{transaction.mail_from}> to={recipients} size={transaction.size} "
