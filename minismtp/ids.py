@@ -21,4 +21,4 @@ def new_id() -> str:
     now = time.time_ns() // 1000
     # Strictly increasing within the process: two ids in one microsecond still differ.
     _last_us = now if now > _last_us else _last_us + 1
-    return f"{_last_us:013X}{random.getrandbits(32):08X}"
+    return f"{(_last_us << 32) | random.getrandbits(32):021X}"  # 13 + 8 hex digits

@@ -78,15 +78,18 @@ def received_header(
     when: float | None = None,
 ) -> bytes:
     """The ``Received:`` header (CRLF-terminated) for a message accepted in ``transaction``."""
-    helo = session.helo_name
-    from_domain = helo if helo and _HELO_TOKEN.fullmatch(helo) else "unknown"
-    literal = address_literal(session.peer_host)
-    tcp_info = f" ({literal})" if literal else ""
     recipients = transaction.rcpt_to
     for_clause = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
     date = rfc5322_date(time.time() if when is None else when)
-    return (
-        f"Received: from {from_domain}{tcp_info}\r\n"
-        f"\tby {by} with {with_protocol(session, transaction)} id {message_id}"
-        f"{for_clause}; {date}\r\n"
-    ).encode()
+    from_by_with = _from_by_with(
+        session.helo_name, session.peer_host, by, with_protocol(session, transaction)
+    )
+    return f"{from_by_with} id {message_id}{for_clause}; {date}\r\n".encode()
+
+
+@functools.lru_cache(maxsize=1024)  # the same for every message of a session, and of a client
+def _from_by_with(helo: str | None, peer_host: str, by: str, protocol: str) -> str:
+    from_domain = helo if helo and _HELO_TOKEN.fullmatch(helo) else "unknown"
+    literal = address_literal(peer_host)
+    tcp_info = f" ({literal})" if literal else ""
+    return f"Received: from {from_domain}{tcp_info}\r\n\tby {by} with {protocol}"
