@@ -144,9 +144,11 @@ class TrioSocketWire:
             try:
                 return sock.recv(self.read_size)
             except BlockingIOError:
-                await self._wait_readable(sock)
+                pass  # waited for below: inside the except block the error (~600 bytes with
+                # its traceback) would stay alive as long as the connection sits idle
             except OSError as exc:
                 raise anyio.BrokenResourceError(exc) from exc
+            await self._wait_readable(sock)
 
     async def send(self, data: bytes) -> None:
         if self._tls is not None:
