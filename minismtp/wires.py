@@ -20,7 +20,7 @@ from anyio.abc import ByteStream, SocketAttribute, SocketStream
 from anyio.streams.buffered import BufferedByteStream
 from anyio.streams.tls import TLSAttribute
 
-from minismtp.tls import TLSConfig, tls_info
+from minismtp.tls import TLSConfig, TLSHandshakeFailed, tls_info
 from minismtp.types import TLSInfo
 
 
@@ -105,32 +105,40 @@ class TrioSocketWire:
     A write goes out at once, without yielding (the session yields at its next read), and
     waits only while the kernel's buffer is full, so memory stays bounded by one batch of
     replies. Yields and waits are trio's checkpoints: the connection's cancel scope
-    interrupts a read or a blocked write. After a TLS handshake the bytes go through anyio's
-    TLS stream over the same socket.
+    interrupts a read or a blocked write. The wire holds the accepted socket alone (anyio's
+    stream over it, two trio objects and their guards, cost ~500 bytes per connection); a
+    TLS handshake wraps it in anyio's stream then, and the bytes go through anyio's TLS
+    stream over the same socket.
     """
 
-    stream: SocketStream  # anyio's, for TLS and for closing
-    read_size: int
     _socket: socket.socket
+    read_size: int
     _wait_readable: _WaitFor
     _wait_writable: _WaitFor
     _checkpoint: Callable[[], Awaitable[None]]
+    _notify_closing: Callable[[socket.socket], None]
     _pending: bytes = b""  # given back by unread()
     _unsent: bytes = b""  # what the kernel did not take from write_nowait()
     _tls: StreamWire | None = None
 
     @classmethod
-    def over(cls, stream: SocketStream, read_size: int) -> TrioSocketWire:
+    def over_socket(cls, sock: socket.socket, read_size: int) -> TrioSocketWire:
+        """Over a connected non-blocking socket, which the wire then owns."""
         from trio import lowlevel  # only ever on trio
 
         return cls(
-            stream,
+            sock,
             read_size,
-            stream.extra(SocketAttribute.raw_socket),
             lowlevel.wait_readable,
             lowlevel.wait_writable,
             lowlevel.checkpoint,
+            lowlevel.notify_closing,
         )
+
+    @classmethod
+    def over(cls, stream: SocketStream, read_size: int) -> TrioSocketWire:
+        """Over the socket of anyio's stream (closing the wire closes the stream's socket)."""
+        return cls.over_socket(stream.extra(SocketAttribute.raw_socket), read_size)
 
     async def receive(self) -> bytes:
         if self._tls is not None:
@@ -190,7 +198,11 @@ class TrioSocketWire:
             self._pending = data + self._pending
 
     async def start_tls(self, tls: TLSConfig) -> TLSInfo:
-        self._tls = wire = StreamWire(self.stream, self.read_size)
+        try:
+            stream = await SocketStream.from_socket(self._socket)
+        except ValueError:  # not connected any more: the client has gone
+            raise TLSHandshakeFailed("connection lost") from None
+        self._tls = wire = StreamWire(stream, self.read_size)
         if self._pending:
             # The ClientHello that came with a PROXY header.
             wire.unread(self._pending)
@@ -198,7 +210,13 @@ class TrioSocketWire:
         return await wire.start_tls(tls)
 
     async def aclose(self) -> None:
-        await anyio.aclose_forcefully(self.stream if self._tls is None else self._tls.stream)
+        if self._tls is not None:
+            await self._tls.aclose()
+        elif self._socket.fileno() >= 0:
+            # No other task waits on the socket (only its session reads and writes it), but
+            # trio's registration of it must go too: trio asks for this before every close.
+            self._notify_closing(self._socket)
+            self._socket.close()
 
 
 __all__ = ["StreamWire", "TrioSocketWire", "Wire"]
