@@ -175,6 +175,7 @@ def _trio_session(server: Server, tasks: TaskGroup, messages: int, pipelining: b
         _wait_writable,
         trio.lowlevel.checkpoint,
         _notify_closing,
+        _notify_closing,
     )
     # What Server._accept_sockets does once it has the connection.
     server._active += 1
