@@ -62,6 +62,8 @@ if TYPE_CHECKING:  # imported on the asyncio path only: trio need not load async
 
 # How _accept starts a session's task: a task group's or a nursery's start_soon.
 _StartSession = Callable[..., object]
+# The sessions' task name: trio would format one from the function for every connection.
+_SESSION = "minismtp session"
 
 log = logging.getLogger("minismtp.server")
 _transaction_line = InfoLine(log)
@@ -267,18 +269,20 @@ class Server:
                     # last ACK was dropped waits for a greeting that never comes).
                     asyncio_server = await loop.create_server(factory, sock=sock, backlog=_BACKLOG)
                     self._asyncio_servers.append(asyncio_server)
+        # On trio (anyio's other backend), its socket itself, unless asked for the streams.
+        accept = self._accept
+        if self.config.transport == "auto" and not _running_asyncio():
+            accept = self._accept_sockets
         async with anyio.create_task_group() as accepting:
             self._accepting = accepting.cancel_scope
             for listener, implicit_tls in stream_listeners:
-                accepting.start_soon(self._accept, listener, implicit_tls, start_session)
+                accepting.start_soon(accept, listener, implicit_tls, start_session)
             task_status.started()
 
     async def _accept(
         self, listener: SocketListener, implicit_tls: bool, start_session: _StartSession
     ) -> None:
         read_size = self.config.read_size
-        # On trio (anyio's other backend), its socket itself, unless asked for the streams.
-        on_socket = self.config.transport == "auto" and not _running_asyncio()
         while True:
             try:
                 stream = await listener.accept()
@@ -302,12 +306,55 @@ class Server:
                 continue
             self._active += 1
             local = _ip_address(stream.extra(SocketAttribute.local_address))
-            wire: Wire
-            if on_socket:
-                wire = TrioSocketWire.over(stream, read_size)
-            else:
-                wire = StreamWire(stream, read_size)
-            start_session(self._handle, wire, peer, local, implicit_tls)
+            wire = StreamWire(stream, read_size)
+            start_session(self._handle, wire, peer, local, implicit_tls, name=_SESSION)
+
+    async def _accept_sockets(
+        self, listener: SocketListener, implicit_tls: bool, start_session: _StartSession
+    ) -> None:
+        """trio's accept: on the listening socket itself, for :class:`TrioSocketWire`.
+
+        anyio's accept() would wrap each connection in two objects the wire does not use and
+        ask the kernel for its addresses three times more (``extra()`` builds its table of
+        attributes, with a ``getpeername()``, on every call); accept() gives the peer's.
+        """
+        from trio import ClosedResourceError, lowlevel
+
+        sock = listener.extra(SocketAttribute.raw_socket)  # non-blocking: trio's
+        read_size = self.config.read_size
+        while True:
+            try:
+                connection, address = sock.accept()
+            except BlockingIOError:
+                try:
+                    await lowlevel.wait_readable(sock)
+                except ClosedResourceError:  # stop() closed the listener
+                    return
+                continue
+            except OSError as exc:
+                if sock.fileno() < 0:
+                    return
+                # Out of file descriptors or similar: back off rather than spin.
+                log.error("accept() failed: %s", exc)
+                await anyio.sleep(0.1)
+                continue
+            connection.setblocking(False)
+            if connection.family in (socket.AF_INET, socket.AF_INET6):
+                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = _ip_address(address)
+            if self._active >= self.config.max_connections:
+                # Answered here, not in a new task, so a flood costs no unbounded work. A new
+                # connection's buffer takes the line at once, or the client is gone.
+                self._note_refusal(peer)
+                if not implicit_tls:  # on the TLS port a plaintext reply would be noise
+                    with contextlib.suppress(OSError):
+                        connection.send(bytes(TOO_MANY_CONNECTIONS))
+                connection.close()
+                continue
+            self._active += 1
+            local = _ip_address(connection.getsockname())
+            wire = TrioSocketWire.over_socket(connection, read_size)
+            start_session(self._handle, wire, peer, local, implicit_tls, name=_SESSION)
 
     async def _trio_sessions(self, *, task_status: anyio.abc.TaskStatus[_StartSession]) -> None:
         """Where the sessions run on trio: a nursery of the server's own, without anyio's
@@ -795,6 +842,8 @@ def _is_protocol_wire(wire: Wire) -> TypeGuard[ProtocolWire]:
 
 def _ip_address(address: Any) -> tuple[str, int]:
     if isinstance(address, tuple):
+        if len(address) == 4 and address[3]:  # IPv6 with a scope (link-local), as anyio says it
+            return (f"{address[0].split('%')[0]}%{address[3]}", int(address[1]))
         return (str(address[0]), int(address[1]))
     return (str(address), 0)  # a UNIX socket path
 

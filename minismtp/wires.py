@@ -10,6 +10,7 @@ anyio's streams everywhere, as the portable path.
 
 from __future__ import annotations
 
+import select
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -20,7 +21,7 @@ from anyio.abc import ByteStream, SocketAttribute, SocketStream
 from anyio.streams.buffered import BufferedByteStream
 from anyio.streams.tls import TLSAttribute
 
-from minismtp.tls import TLSConfig, tls_info
+from minismtp.tls import TLSConfig, TLSHandshakeFailed, tls_info
 from minismtp.types import TLSInfo
 
 
@@ -99,38 +100,64 @@ class TrioSocketWire:
     server the client has answered by the time the session's turn comes round again, so the
     read costs one system call, where waiting for readiness costs an ``epoll_ctl`` more and
     trying first (trio's sockets) a failed ``recv`` more. Only a read that finds the socket
-    empty waits for readiness; the next one tries again (waiting first for a few reads after
-    an empty one made a wait out of 60% of the reads under load, at about 3 µs more each than
-    a yield, where the empty reads it saved cost about 7 µs each but were 5-15% of them).
+    empty waits for readiness (on Linux through :mod:`minismtp.trio_readiness`: no system
+    call per wait, and ~700 bytes less per idle connection); the next one tries again
+    (waiting first for a few reads after an empty one made a wait out of 60% of the reads
+    under load, at about 3 µs more each than a yield, where the empty reads it saved cost
+    about 7 µs each but were 5-15% of them).
     A write goes out at once, without yielding (the session yields at its next read), and
     waits only while the kernel's buffer is full, so memory stays bounded by one batch of
     replies. Yields and waits are trio's checkpoints: the connection's cancel scope
-    interrupts a read or a blocked write. After a TLS handshake the bytes go through anyio's
-    TLS stream over the same socket.
+    interrupts a read or a blocked write. The wire holds the accepted socket alone (anyio's
+    stream over it, two trio objects and their guards, cost ~500 bytes per connection); a
+    TLS handshake wraps it in anyio's stream then, and the bytes go through anyio's TLS
+    stream over the same socket.
     """
 
-    stream: SocketStream  # anyio's, for TLS and for closing
-    read_size: int
     _socket: socket.socket
+    read_size: int
     _wait_readable: _WaitFor
     _wait_writable: _WaitFor
     _checkpoint: Callable[[], Awaitable[None]]
+    _notify_closing: Callable[[socket.socket], None]
+    _forget: Callable[[socket.socket], None]  # the wire no longer waits on it (TLS from now)
     _pending: bytes = b""  # given back by unread()
     _unsent: bytes = b""  # what the kernel did not take from write_nowait()
     _tls: StreamWire | None = None
 
     @classmethod
-    def over(cls, stream: SocketStream, read_size: int) -> TrioSocketWire:
+    def over_socket(cls, sock: socket.socket, read_size: int) -> TrioSocketWire:
+        """Over a connected non-blocking socket, which the wire then owns."""
         from trio import lowlevel  # only ever on trio
 
+        if not hasattr(select, "epoll"):
+            return cls(
+                sock,
+                read_size,
+                lowlevel.wait_readable,
+                lowlevel.wait_writable,
+                lowlevel.checkpoint,
+                lowlevel.notify_closing,
+                _ignore,
+            )
+        from minismtp.trio_readiness import EdgeReadiness
+
+        readiness = EdgeReadiness.current()
+        readiness.register(sock)
         return cls(
-            stream,
+            sock,
             read_size,
-            stream.extra(SocketAttribute.raw_socket),
-            lowlevel.wait_readable,
+            readiness.wait_readable,
             lowlevel.wait_writable,
             lowlevel.checkpoint,
+            lowlevel.notify_closing,
+            readiness.forget,
         )
+
+    @classmethod
+    def over(cls, stream: SocketStream, read_size: int) -> TrioSocketWire:
+        """Over the socket of anyio's stream (closing the wire closes the stream's socket)."""
+        return cls.over_socket(stream.extra(SocketAttribute.raw_socket), read_size)
 
     async def receive(self) -> bytes:
         if self._tls is not None:
@@ -144,9 +171,11 @@ class TrioSocketWire:
             try:
                 return sock.recv(self.read_size)
             except BlockingIOError:
-                await self._wait_readable(sock)
+                pass  # waited for below: inside the except block the error (~600 bytes with
+                # its traceback) would stay alive as long as the connection sits idle
             except OSError as exc:
                 raise anyio.BrokenResourceError(exc) from exc
+            await self._wait_readable(sock)
 
     async def send(self, data: bytes) -> None:
         if self._tls is not None:
@@ -188,7 +217,12 @@ class TrioSocketWire:
             self._pending = data + self._pending
 
     async def start_tls(self, tls: TLSConfig) -> TLSInfo:
-        self._tls = wire = StreamWire(self.stream, self.read_size)
+        self._forget(self._socket)
+        try:
+            stream = await SocketStream.from_socket(self._socket)
+        except ValueError:  # not connected any more: the client has gone
+            raise TLSHandshakeFailed("connection lost") from None
+        self._tls = wire = StreamWire(stream, self.read_size)
         if self._pending:
             # The ClientHello that came with a PROXY header.
             wire.unread(self._pending)
@@ -196,7 +230,17 @@ class TrioSocketWire:
         return await wire.start_tls(tls)
 
     async def aclose(self) -> None:
-        await anyio.aclose_forcefully(self.stream if self._tls is None else self._tls.stream)
+        if self._tls is not None:
+            await self._tls.aclose()
+        elif self._socket.fileno() >= 0:
+            # No other task waits on the socket (only its session reads and writes it), but
+            # trio's registration of it must go too: trio asks for this before every close.
+            self._notify_closing(self._socket)
+            self._socket.close()
+
+
+def _ignore(sock: socket.socket) -> None:
+    pass
 
 
 __all__ = ["StreamWire", "TrioSocketWire", "Wire"]

@@ -101,7 +101,10 @@ class FakeSocket:
         finally:
             self.readable = None
 
-    async def aclose(self) -> None:  # the stream's, called when the server closes
+    def fileno(self) -> int:
+        return 0 if not self.client.closed.is_set() else -1
+
+    def close(self) -> None:  # called when the server closes
         self.client.closed.set()
 
 
@@ -111,6 +114,10 @@ async def _wait_readable(sock: socket.socket) -> None:
 
 async def _wait_writable(sock: socket.socket) -> None:
     raise AssertionError("the fake socket takes every write")
+
+
+def _notify_closing(sock: socket.socket) -> None:
+    pass  # no trio registration to drop: the fake socket is waited on with an Event
 
 
 class FakeClient:
@@ -162,14 +169,15 @@ def _trio_session(server: Server, tasks: TaskGroup, messages: int, pipelining: b
 
     sock = FakeSocket(messages, pipelining)
     wire = TrioSocketWire(
-        sock,  # type: ignore[arg-type]  # the stream: only closed
-        server.config.read_size,
         sock,  # type: ignore[arg-type]
+        server.config.read_size,
         _wait_readable,
         _wait_writable,
         trio.lowlevel.checkpoint,
+        _notify_closing,
+        _notify_closing,
     )
-    # What Server._accept does once it has the connection.
+    # What Server._accept_sockets does once it has the connection.
     server._active += 1
     tasks.start_soon(server._handle, wire, ("127.0.0.1", 40000), ("127.0.0.1", 25), False)
     return sock.client
