@@ -109,6 +109,23 @@ def free_port() -> int:
         return port
 
 
+def on_cpus(cpus: frozenset[int] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that keeps the child (and the processes it starts) on ``cpus``."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def split_cpus() -> tuple[frozenset[int], frozenset[int]] | None:
+    """One CPU for the server under test, the others for the clients; None if not possible."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    return frozenset(cpus[:1]), frozenset(cpus[1:])
+
+
 class ServerFailed(Exception):
     pass
 
@@ -125,6 +142,7 @@ class Server:
     port: int = 0
     loop: str = ""
     sent: int = 0  # messages our clients had accepted, checked against the server's own count
+    cpus: frozenset[int] | None = None  # where it may run (see --no-pin)
 
     def start(self, timeout: float = 30.0) -> None:
         argv = list(self.target.argv)
@@ -136,7 +154,13 @@ class Server:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.source), env.get("PYTHONPATH")]))
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                argv, cwd=self.source, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+                argv,
+                cwd=self.source,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                preexec_fn=on_cpus(self.cpus),
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -219,6 +243,7 @@ class Clients:
     smtp_source: str | None
     procs: int
     timeout: float = 300.0
+    cpus: frozenset[int] | None = None  # where the clients may run (see --no-pin)
 
     def python(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "tests.bench.client", *args]
@@ -266,7 +291,9 @@ class Clients:
         argv.append(f"{server.host}:{server.port}")
         env = {**os.environ, "LD_LIBRARY_PATH": postfix_libs(argv[0])}
         started = time.perf_counter()
-        done = subprocess.run(argv, env=env, capture_output=True, timeout=self.timeout)
+        done = subprocess.run(
+            argv, env=env, capture_output=True, timeout=self.timeout, preexec_fn=on_cpus(self.cpus)
+        )
         seconds = time.perf_counter() - started
         if done.returncode != 0 or done.stderr:
             raise ClientFailed(f"smtp-source: {done.stderr.decode(errors='replace').strip()}")
@@ -279,7 +306,9 @@ class Clients:
         return result
 
     def _json(self, argv: list[str]) -> dict[str, Any]:
-        done = subprocess.run(argv, cwd=ROOT, capture_output=True, timeout=self.timeout)
+        done = subprocess.run(
+            argv, cwd=ROOT, capture_output=True, timeout=self.timeout, preexec_fn=on_cpus(self.cpus)
+        )
         lines = done.stdout.decode().strip().splitlines()
         result: dict[str, Any] = json.loads(lines[-1]) if lines else {}
         if done.returncode != 0 or "error" in result:
@@ -292,7 +321,12 @@ class Clients:
         """Hold ``connections`` greeted sessions open (EHLO answered) for the with-block."""
         argv = self.python("idle", server.host, str(server.port), "--connections", str(connections))
         proc = subprocess.Popen(
-            argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            argv,
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            preexec_fn=on_cpus(self.cpus),
         )
         assert proc.stdout is not None and proc.stdin is not None
         try:
@@ -457,9 +491,11 @@ class Bench:
     results: Results = attrs.field(factory=lambda: defaultdict(lambda: defaultdict(dict)))
     loops: dict[str, str] = attrs.field(factory=dict)
     delivered: dict[str, list[int]] = attrs.field(factory=dict)  # target -> [sent, counted]
+    server_cpus: frozenset[int] | None = None
 
     def server(self, target: Target, tag: str) -> Server:
-        server = Server(target, self.workdir / f"{target.name}-{tag}.log", self.source.path)
+        log = self.workdir / f"{target.name}-{tag}.log"
+        server = Server(target, log, self.source.path, cpus=self.server_cpus)
         server.start()
         self.loops[target.name] = server.loop
         return server
@@ -574,6 +610,12 @@ def describe(bench: Bench, elapsed: float, load: float) -> str:
         if foreign
         else ""
     )
+    pinning = (
+        f" Servers pinned to CPU {','.join(map(str, sorted(bench.server_cpus)))}, clients to "
+        f"CPU {','.join(map(str, sorted(c.cpus or ())))}."
+        if bench.server_cpus is not None
+        else " Servers and clients were placed by the scheduler (--no-pin)."
+    )
     return "\n".join(
         [
             f"minismtp {bench.source.describe}; {', '.join(versions)}; {os.cpu_count()} CPUs "
@@ -582,8 +624,8 @@ def describe(bench: Bench, elapsed: float, load: float) -> str:
             f"Clients: {c.which()} for plain 1 KB and 10 MB, client.py ({c.procs} processes, "
             f"uvloop) for PIPELINING, dot-stuffed, latency and idle connections. Per run: "
             f"{sizes.small:,} x 1 KB, {sizes.big} x 10 MB, {sizes.latency:,} sequential, "
-            f"{sizes.idle:,} idle connections. Ratios: minismtp / aiosmtpd in the same run "
-            f"(↑ higher is better, ↓ lower is better). {quiet}",
+            f"{sizes.idle:,} idle connections.{pinning} Ratios: minismtp / aiosmtpd in the same "
+            f"run (↑ higher is better, ↓ lower is better). {quiet}",
         ]
     )
 
@@ -796,6 +838,12 @@ def main(argv: list[str] | None = None) -> int:
         help="auto: smtp-source where it can do the job; python: client.py for everything",
     )
     parser.add_argument("--procs", type=int, default=2, help="client.py processes (default: 2)")
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="let the scheduler place servers and clients (default: the server on the first "
+        "CPU, the clients on the others)",
+    )
     parser.add_argument("--profile", action="store_true", help="py-spy each server's 1 KB run")
     parser.add_argument("--profile-rate", type=int, default=500, help="py-spy samples/s")
     parser.add_argument(
@@ -825,14 +873,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown: {', '.join(unknown)}")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="minismtp-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    pinning = None if args.no_pin else split_cpus()
+    server_cpus, client_cpus = pinning or (None, None)
     bench = Bench(
         targets=[available[t] for t in args.targets],
         scenarios=[s for s in SCENARIOS if s in args.scenarios],
-        clients=Clients(smtp_source if args.client == "auto" else None, args.procs),
+        clients=Clients(
+            smtp_source if args.client == "auto" else None, args.procs, cpus=client_cpus
+        ),
         sizes=Sizes.quick() if args.quick else Sizes(),
         rounds=args.rounds or (1 if args.quick else 3),
         workdir=workdir,
         source=source_tree(args.commit, workdir),
+        server_cpus=server_cpus,
     )
     progress(f"logs in {workdir}")
     with exclusive(LOCK):
