@@ -117,6 +117,7 @@ class Address:
     local_part: str
     domain: str
     raw: str = attrs.field(default="", eq=False)
+    _text: str | None = attrs.field(default=None, init=False, eq=False, repr=False)
 
     @classmethod
     def null(cls) -> Address:
@@ -127,9 +128,13 @@ class Address:
         return not self.local_part and not self.domain
 
     def __str__(self) -> str:
-        if self.is_null:
-            return ""
-        return f"{self.local_part}@{self.domain}" if self.domain else self.local_part
+        text = self._text
+        if text is None:
+            # Kept: the parser hands out the same Address for the same path again and again,
+            # and each message writes its addresses in the log line and the trace header.
+            text = f"{self.local_part}@{self.domain}" if self.domain else self.local_part
+            object.__setattr__(self, "_text", text)
+        return text
 
 
 @attrs.frozen
