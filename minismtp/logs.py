@@ -16,6 +16,7 @@ import logging
 import sys
 import threading
 import time
+from collections import deque
 from typing import Any, TextIO
 
 
@@ -56,7 +57,8 @@ class BatchingHandler(logging.Handler):
         super().__init__()
         self.stream = stream if stream is not None else sys.stderr
         self.interval = interval
-        self._lines: list[str] = []
+        # A deque: appends need no lock (only flush() takes lines out, under the lock).
+        self._lines: deque[str] = deque()
         self._wake = threading.Event()
         self._closed = False
         self._flusher = threading.Thread(
@@ -81,13 +83,13 @@ class BatchingHandler(logging.Handler):
         if type(formatter) is not Formatter or self.filters or self.level > logging.INFO:
             return False
         date = formatter.date(created, (created - int(created)) * 1000)
-        with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
-            self._lines.append(f"{date} INFO {name}: {message}")
+        self._lines.append(f"{date} INFO {name}: {message}")
         return True
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
-            lines, self._lines = self._lines, []
+            queued = self._lines
+            lines = [queued.popleft() for _ in range(len(queued))]
             if lines:
                 try:
                     self.stream.write("\n".join(lines) + "\n")

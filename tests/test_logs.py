@@ -168,3 +168,23 @@ def test_an_info_line_passes_through_filters_and_second_handlers(where: str) -> 
             assert [record.getMessage() for record in keep.records] == ["FILTERED"]
     finally:
         handler.close()
+
+
+def test_no_line_is_lost_while_the_flusher_writes_concurrently() -> None:
+    stream = io.StringIO()
+    logger, handler = make_logger(stream, interval=0.0005)  # the flusher runs all the time
+    line = InfoLine(logger)
+
+    def log_many(worker: int) -> None:
+        for number in range(5000):
+            line(f"worker {worker} line {number}")
+
+    threads = [threading.Thread(target=log_many, args=(worker,)) for worker in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    handler.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 20000
+    assert len(set(lines)) == 20000
