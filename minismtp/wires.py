@@ -118,6 +118,9 @@ class TrioSocketWire:
     _pending: bytes = b""  # given back by unread()
     _unsent: bytes = b""  # what the kernel did not take from write_nowait()
     _tls: StreamWire | None = None
+    # As StreamWire: four times as much while reads come back full (10 MB messages: 2.4 ->
+    # 1.7 ms/MB), the usual size otherwise (a small read of a large size costs more in malloc).
+    _next_read: int = 0
 
     @classmethod
     def over(cls, stream: SocketStream, read_size: int) -> TrioSocketWire:
@@ -142,11 +145,14 @@ class TrioSocketWire:
         sock = self._socket
         while True:
             try:
-                return sock.recv(self.read_size)
+                data = sock.recv(self._next_read or self.read_size)
             except BlockingIOError:
                 await self._wait_readable(sock)
             except OSError as exc:
                 raise anyio.BrokenResourceError(exc) from exc
+            else:
+                self._next_read = 4 * self.read_size if len(data) >= self.read_size else 0
+                return data
 
     async def send(self, data: bytes) -> None:
         if self._tls is not None:
