@@ -645,19 +645,17 @@ class Engine:
         if len(tail) <= max_line + 4:  # the usual case: a line's start (or the end's: CRLF ".")
             return
         if self._content_failure is None:
+            transaction = self.transaction
+            assert transaction is not None
             line_start = max(tail.rfind(b"\n", 2) + 1, 2)  # past a bare LF, when normalising
             if max_line and len(tail) - line_start > max_line:
                 self._refuse_content(TEXT_LINE_TOO_LONG)
-            elif self._size + len(tail) > self._max_size() + 3:  # 3: CRLF and a stuffed dot
+            elif self._size + len(tail) > transaction.max_size + 3:  # 3: CRLF, stuffed dot
                 self._refuse_content(TOO_BIG)
             else:
                 return
         # A line has begun (not a dot line, not the end of data); a CR may be half a CRLF.
         self._tail = b"\r\nx\r" if tail.endswith(b"\r") else b"\r\nx"
-
-    def _max_size(self) -> int:
-        transaction = self.transaction
-        return transaction.max_size if transaction is not None else self.limits.max_message_size
 
     def _settle(
         self, segment: bytes, start: int, cut: int, lines_end: int, *, dots: bool, bare_lf: bool
