@@ -136,6 +136,9 @@ _END_OR_BARE_LF = re.compile(rb"\n(?:(?<!\r\n)|\.\r\n)")
 _END_OF_DATA = re.compile(rb"\r\n\.\r\n")
 _UNSTUFF = re.compile(rb"\r\n\.")  # a CRLF-dot line start loses its dot
 _CRLF = b"\r\n"
+# Below this, a read is joined to the tail and scanned as one: copying a few KB costs less
+# than settling its first line apart (about 1.5 µs of Python per read).
+_SMALL_READ = 16 * 1024
 
 
 def _has_bare_line_end(data: bytes) -> bool:
@@ -584,8 +587,8 @@ class Engine:
             return self._lost() if self._eof else NEED_DATA
         data = incoming[0] if len(incoming) == 1 else b"".join(incoming)
         incoming.clear()
-        first = data.find(_CRLF) + 2  # just after the read's first CRLF; 1 if it has none
-        if first == 1:  # no CRLF of its own: the read is one long line, or very short
+        if len(data) < _SMALL_READ or (first := data.find(_CRLF) + 2) == 1:
+            # A small read (a message of a few KB), or one long line: joined to the tail whole.
             ended = self._take(self._tail + data, 0)
         else:
             ended = self._take(b"".join((self._tail, memoryview(data)[:first])), 0)

@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Iterator
 
 import pytest
 from engine_driver import drive
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from minismtp import protocol
 from minismtp.events import Data, Event, Helo, Mail, Rcpt
 from minismtp.protocol import Limits
+
+
+@pytest.fixture(scope="module", autouse=True, params=["small reads whole", "every read split"])
+def content_path(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every property holds on both ways the engine takes a read of DATA content: joined to
+    what the last read left (small reads), or settled where it lies (large ones)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "every read split":
+            patch.setattr(protocol, "_SMALL_READ", 0)
+        yield
+
 
 LIMITS = Limits(
     max_message_size=2_000, max_command_line=128, max_errors=1_000, max_junk_commands=1_000
