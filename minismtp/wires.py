@@ -124,6 +124,10 @@ class TrioSocketWire:
     _pending: bytes = b""  # given back by unread()
     _unsent: bytes = b""  # what the kernel did not take from write_nowait()
     _tls: StreamWire | None = None
+    # As StreamWire: four times as much while reads come back full (10 MB messages: about
+    # 0.4 ms/MB less CPU), the usual size otherwise (a small read of a large size costs more
+    # in malloc).
+    _next_read: int = 0
 
     @classmethod
     def over_socket(cls, sock: socket.socket, read_size: int) -> TrioSocketWire:
@@ -169,12 +173,15 @@ class TrioSocketWire:
         sock = self._socket
         while True:
             try:
-                return sock.recv(self.read_size)
+                data = sock.recv(self._next_read or self.read_size)
             except BlockingIOError:
                 pass  # waited for below: inside the except block the error (~600 bytes with
                 # its traceback) would stay alive as long as the connection sits idle
             except OSError as exc:
                 raise anyio.BrokenResourceError(exc) from exc
+            else:
+                self._next_read = 4 * self.read_size if len(data) >= self.read_size else 0
+                return data
             await self._wait_readable(sock)
 
     async def send(self, data: bytes) -> None:

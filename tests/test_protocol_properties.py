@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Iterator
 
 import pytest
 from engine_driver import drive
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from minismtp import protocol
 from minismtp.events import Data, Event, Helo, Mail, Rcpt
 from minismtp.protocol import Limits
+
+
+@pytest.fixture(scope="module", autouse=True, params=["small reads whole", "every read split"])
+def content_path(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every property holds on both ways the engine takes a read of DATA content: joined to
+    what the last read left (small reads), or settled where it lies (large ones)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "every read split":
+            patch.setattr(protocol, "_SMALL_READ", 0)
+        yield
+
 
 LIMITS = Limits(
     max_message_size=2_000, max_command_line=128, max_errors=1_000, max_junk_commands=1_000
@@ -166,3 +179,57 @@ def test_data_content_is_the_text_read_line_by_line(
         assert run.messages == [re.sub(rb"\r\n|\r|\n", b"\r\n", unstuffed)[2:]]
     else:
         assert run.messages == [] and "550 5.5.2" in run.codes
+
+
+LINE_LIMITS = Limits(max_text_line=20, max_message_size=100_000)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=0, max_value=24), min_size=1, max_size=30),
+    points=st.lists(st.integers(min_value=0), max_size=8),
+    dotted=st.booleans(),
+)
+def test_text_line_limit_whatever_the_reads(
+    lengths: list[int], points: list[int], dotted: bool
+) -> None:
+    """RFC 5321 4.5.3.1.6: a message is refused (500 5.5.2) if and only if one of its lines,
+    with its CRLF, is longer than the limit, however the reads cut it."""
+    lines = [(b".." if dotted else b"") + b"y" * n + b"\r\n" for n in lengths]  # wire lines
+    run = drive(cut(TX + b"".join(lines) + b".\r\nQUIT\r\n", points), limits=LINE_LIMITS)
+    if max(map(len, lines)) > LINE_LIMITS.max_text_line:
+        assert run.messages == [] and "500 5.5.2" in run.codes
+    else:
+        assert run.messages == [b"".join(line[1:] if dotted else line for line in lines)]
+
+
+@pytest.mark.parametrize("read", [100, 997, 1000, 1001, 4096, 65536])
+def test_lines_of_77_octets_in_any_reads(read: int) -> None:
+    """Lines well under the limit are never taken for a long one where a read ends (a line
+    split by a read used to be measured from the wrong place)."""
+    text = b"y" * 75 + b"\r\n"
+    for count in (13, 25, 26, 400):
+        wire = TX + text * count + b".\r\nQUIT\r\n"
+        run = drive([wire[i : i + read] for i in range(0, len(wire), read)])
+        assert run.messages == [text * count]
+
+
+@pytest.mark.parametrize("max_text_line", [1000, 0], ids=["line limit", "no line limit"])
+def test_a_line_that_never_ends_is_not_held(max_text_line: int) -> None:
+    """Content without a line end is refused at the limits, and the engine holds no more of
+    it than a line (a client could otherwise send gigabytes of one line into memory)."""
+    from minismtp.protocol import NEED_DATA, Engine
+    from minismtp.types import Reply, Session
+
+    limits = Limits(max_text_line=max_text_line, max_message_size=50_000)
+    engine = Engine(Session(), limits)
+    out = b""
+    for chunk in [TX, *[b"x" * 3000] * 40, b"\r\n.\r\nQUIT\r\n"]:
+        engine.receive_data(chunk)
+        while (event := engine.next_event()) is not NEED_DATA and isinstance(event, Event):
+            assert not isinstance(event, Data)
+            engine.respond(Reply(220 if type(event).__name__ == "Connect" else 250, None, "ok"))
+        out += engine.data_to_send()
+        assert engine.buffered <= 50_000 + 3000 + 10
+    expected = b"500 5.5.2 Message line too long" if max_text_line else b"552 5.3.4"
+    assert out.endswith(expected + out.split(expected, 1)[1]) and b"221 2.0.0" in out

@@ -104,6 +104,21 @@ async def test_small_reads_of_a_big_upload_lose_nothing(make_wire: Callable[...,
                 assert await receive_until_eof(wire) == data
 
 
+async def test_reads_grow_while_the_socket_has_more(make_wire: Callable[..., Wire]) -> None:
+    """A read that fills the read size is followed by larger ones (up to four times: fewer
+    reads per megabyte while a message streams in); a short read brings the size back."""
+    async with connection() as (server, client):
+        wire = make_wire(server, 1000)
+        with anyio.fail_after(10):
+            await client.send(b"x" * 20_000)  # on loopback, in the server's buffer on return
+            sizes = [len(await wire.receive()) for _ in range(6)]
+            assert sizes == [1000, 4000, 4000, 4000, 4000, 3000]
+            await client.send(b"y" * 500)  # short of the read size: the message has ended
+            assert len(await wire.receive()) == 500
+            await client.send(b"z" * 3000)
+            assert len(await wire.receive()) == 1000
+
+
 async def test_a_waiting_receive_is_cancelled(make_wire: Callable[..., Wire]) -> None:
     """The session's timeouts and shutdown cancel its scope: a read that waits must end."""
     async with connection() as (server, client):
