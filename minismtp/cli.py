@@ -25,7 +25,7 @@ from typing import Any, NoReturn, TypeVar
 import anyio
 import attrs
 
-from minismtp import __version__, logs
+from minismtp import __version__, allocator, logs
 from minismtp.app import default_app
 from minismtp.metrics import serve_metrics
 from minismtp.proxy import LOOPBACK, parse_networks
@@ -510,6 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.workers > 1 and args.worker_index is None:
         return _supervise(argv, args, loop_name)
+    allocator.tune()  # large messages without a page fault per page (see the module)
     try:
         result: int = anyio.run(
             _serve, app, tls, args, loop_name, backend=backend, backend_options=backend_options
