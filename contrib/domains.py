@@ -14,6 +14,7 @@ ASCII (IDNA) form, so ``bücher.example`` and ``xn--bcher-kva.example`` are the 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 from collections.abc import Iterable
@@ -34,6 +35,7 @@ SENDER_DENIED = Reply(550, "5.7.1", "Sender address rejected: domain not accepte
 NULL_SENDER = "<>"
 
 
+@functools.lru_cache(maxsize=4096)  # every RCPT asks, mostly about the same few domains
 def canonical_domain(domain: str) -> str:
     """``domain`` as compared: lower case, no trailing dot, IDNA A-labels, literals normalised."""
     domain = domain.strip()
