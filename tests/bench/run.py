@@ -4,7 +4,7 @@ Starts every selected server, drives them with the same client, alternates them 
 over several rounds and prints the medians, with the ratio minismtp/aiosmtpd, as a Markdown
 table. See tests/bench/README.md for what each figure means.
 
-    python -m tests.bench.run                      # full run, 3 rounds, ~6 minutes on 2 cores
+    python -m tests.bench.run                      # full run, 3 rounds, ~3-4 minutes on 2 cores
     python -m tests.bench.run --quick              # one round, small counts, ~1 minute
     python -m tests.bench.run --targets aiosmtpd,minismtp-trio --scenarios 1k,latency
     python -m tests.bench.run --profile            # also py-spy the 1 KB run of every server
