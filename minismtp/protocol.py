@@ -192,7 +192,12 @@ class Engine:
         #: each with its ``reply_code``: the final reply, or None if it was abandoned.
         self.finished: list[Transaction] = []
         self._state = _State.CONNECT
-        self._buf = bytearray()
+        # The command side's bytes: what is left of the last read from ``_pos`` on. A read
+        # is kept as it came and parsed where it lies: a batch of pipelined commands (or of
+        # whole messages, from a client that does not wait for the 354) is never copied again
+        # for each command taken off its front.
+        self._buf = b""
+        self._pos = 0
         self._out: list[bytes] = []  # replies queued, sent in one write
         self._pending: Event | None = None
         self._eof = False
@@ -226,7 +231,8 @@ class Engine:
     @property
     def buffered(self) -> int:
         """Bytes of the client's held by the engine; bounded by the limits, whatever arrives."""
-        return len(self._buf) + len(self._tail) + self._size + sum(map(len, self._incoming))
+        held = len(self._buf) - self._pos + len(self._tail) + self._size
+        return held + sum(map(len, self._incoming))
 
     @property
     def closed(self) -> bool:
@@ -241,7 +247,11 @@ class Engine:
         elif self._state is not _State.CLOSED and self._state is not _State.TLS:
             # Bytes that arrive while a STARTTLS handshake is pending were sent in the clear
             # after STARTTLS; they are dropped, never parsed (RFC 3207 4.2, CVE-2011-0411).
-            self._buf += data
+            if self._pos < len(self._buf):  # a command's start waits for its end
+                self._buf = b"".join((memoryview(self._buf)[self._pos :], data))
+            else:
+                self._buf = data
+            self._pos = 0
 
     def data_to_send(self) -> bytes:
         out = self._out
@@ -315,7 +325,7 @@ class Engine:
         self.session.helo_name = None
         self.session.esmtp = False
         self._reset_transaction()
-        self._buf.clear()
+        self._buf, self._pos = b"", 0
         self._state = _State.COMMAND
 
     def close(self, reply: Reply | None = None) -> None:
@@ -330,26 +340,23 @@ class Engine:
 
     def _next_command(self) -> Event | NeedData | StartTLS | Closed | None:
         """Parse one command line; None means a reply was queued and the loop goes on."""
-        buf = self._buf
-        end = buf.find(b"\r\n")
+        buf, pos = self._buf, self._pos
+        end = buf.find(b"\r\n", pos)
         limit = self.limits.max_command_line
         if end < 0:
-            if len(buf) >= limit:
+            if len(buf) - pos >= limit:
                 # Skip the rest of this line without buffering it; keep a trailing CR, which
                 # may be the first half of the line's end.
-                keep_cr = buf.endswith(b"\r")
-                buf.clear()
-                if keep_cr:
-                    buf += b"\r"
+                self._buf, self._pos = (b"\r" if buf.endswith(b"\r") else b""), 0
                 self._skipping_line = True
                 return None if not self._eof else self._lost()
             return self._lost() if self._eof else NEED_DATA
-        line = bytes(buf[:end])
-        del buf[: end + 2]
+        line = buf[pos:end]
+        self._pos = end + 2
         if self._skipping_line:
             self._skipping_line = False
             return self._error(LINE_TOO_LONG)
-        if end + 2 > limit:
+        if end + 2 - pos > limit:
             return self._error(LINE_TOO_LONG)
         if _LF in line or _CR in line:
             return self._error(BARE_LINE_END_IN_COMMAND)
@@ -513,10 +520,7 @@ class Engine:
         # "." line) and a first line starting with a dot need no special case.
         self._tail = b"\r\n"
         self._skip = 2
-        if self._buf:
-            self._incoming.append(bytes(self._buf))
-            self._buf.clear()
-        self._state = _State.DATA
+        self._state = _State.DATA  # what follows DATA in the command buffer is content now
         return None
 
     def _cmd_bdat(self, arg: bytes) -> Event | Closed | None:
@@ -576,7 +580,7 @@ class Engine:
             return self._error(TLS_ACTIVE)
         self._reply(TLS_GO_AHEAD)
         # Whatever the client pipelined after STARTTLS came in the clear: drop it unread.
-        self._buf.clear()
+        self._buf, self._pos = b"", 0
         self._state = _State.TLS
         return _START_TLS
 
@@ -591,17 +595,23 @@ class Engine:
         whole there; the rest of the read is settled where it lies.
         """
         incoming = self._incoming
-        if not incoming:
-            return self._lost() if self._eof else NEED_DATA
-        data = incoming[0] if len(incoming) == 1 else b"".join(incoming)
-        incoming.clear()
-        if len(data) < _SMALL_READ or (first := data.find(_CRLF) + 2) == 1:
-            # A small read (a message of a few KB), or one long line: joined to the tail whole.
-            ended = self._take(self._tail + data, 0)
+        data, start = self._buf, self._pos
+        if start < len(data):  # sent right after DATA, in the read that carried it
+            self._buf, self._pos = b"", 0
+            if incoming:
+                data, start = b"".join((memoryview(data)[start:], *incoming)), 0
+        elif incoming:
+            data, start = (incoming[0] if len(incoming) == 1 else b"".join(incoming)), 0
         else:
-            ended = self._take(b"".join((self._tail, memoryview(data)[:first])), 0)
-            if ended:
-                self._buf += memoryview(data)[first:]
+            return self._lost() if self._eof else NEED_DATA
+        incoming.clear()
+        if len(data) - start < _SMALL_READ or (first := data.find(_CRLF, start) + 2) == 1:
+            # A small read (a message of a few KB), or one long line: joined to the tail whole.
+            ended = self._take(b"".join((self._tail, memoryview(data)[start:])), 0)
+        else:
+            ended = self._take(b"".join((self._tail, memoryview(data)[start:first])), 0)
+            if ended:  # the read's first line ended the data: commands follow, in place
+                self._buf, self._pos = data, first
             else:  # the head ended with the read's first CRLF: the rest starts there
                 ended = self._take(data, first - 2)
         if ended:
@@ -645,7 +655,7 @@ class Engine:
             rest = found.end()
         self._tail = b""
         self._state = _State.COMMAND
-        self._buf += memoryview(segment)[rest:]
+        self._buf, self._pos = segment, rest  # the commands after it, parsed where they lie
         return True
 
     def _bound_tail(self) -> None:
@@ -727,12 +737,12 @@ class Engine:
 
     def _receive_chunk(self) -> Event | NeedData | Closed | None:
         """A BDAT chunk: exactly the announced number of octets, which are not parsed."""
-        buf = self._buf
-        take = min(self._bdat_remaining, len(buf))
+        buf, pos = self._buf, self._pos
+        take = min(self._bdat_remaining, len(buf) - pos)
         if take:
             if self._content_failure is None:
-                self._keep(bytes(memoryview(buf)[:take]))
-            del buf[:take]
+                self._keep(buf if take == len(buf) else buf[pos : pos + take])
+            self._pos = pos + take
             self._bdat_remaining -= take
         if self._bdat_remaining:
             return self._lost() if self._eof else NEED_DATA

@@ -233,3 +233,34 @@ def test_a_line_that_never_ends_is_not_held(max_text_line: int) -> None:
         assert engine.buffered <= 50_000 + 3000 + 10
     expected = b"500 5.5.2 Message line too long" if max_text_line else b"552 5.3.4"
     assert out.endswith(expected + out.split(expected, 1)[1]) and b"221 2.0.0" in out
+
+
+def test_a_pipelined_batch_is_parsed_where_it_lies() -> None:
+    """A read of many whole messages (a client that does not wait for the 354) is parsed in
+    place: taking each message off its front must not copy the rest, or a read of N messages
+    would cost N times its size (a copy of less than a small read is allowed: that path
+    joins the read to the content's tail)."""
+    from minismtp.protocol import NEED_DATA, Engine
+    from minismtp.types import Reply, Session
+
+    message = b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n"
+    engine = Engine(Session(), Limits())
+    engine.next_event()
+    engine.respond(Reply(220, None, "ok"))
+    engine.receive_data(b"EHLO c\r\n")
+    engine.next_event()
+    engine.respond(Reply(250, None, "ok"))
+    assert engine.next_event() is NEED_DATA
+    batch = message * 1000  # 56 KB: most of it over the small-read size
+    engine.receive_data(batch)
+    messages = 0
+    while (event := engine.next_event()) is not NEED_DATA:
+        assert isinstance(event, Event)
+        if isinstance(event, Data):
+            messages += 1
+            assert event.data == b"Subject: x\r\n\r\nhi\r\n"
+            held = engine._buf
+            assert held is batch or len(held) <= protocol._SMALL_READ + len(message)
+        engine.respond(Reply(250, "2.0.0", "ok"))
+    assert messages == 1000
+    assert engine.data_to_send().count(b"250 2.0.0 ok\r\n") == 3000
