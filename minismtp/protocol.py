@@ -148,6 +148,24 @@ def _has_bare_line_end(data: bytes) -> bool:
     return bool(_BARE_CR.search(data) or _BARE_LF.search(data))
 
 
+def _pieces_have_bare_line_end(pieces: list[bytes | memoryview]) -> bool:
+    """:func:`_has_bare_line_end` of the pieces joined, without joining them: a CRLF may be
+    split between two pieces."""
+    after_cr = False  # the last piece ended with a CR
+    for piece in pieces:
+        if not piece:
+            continue
+        if after_cr != (piece[0] == _LF):  # a CR without its LF, or an LF without its CR
+            return True
+        cr = _BARE_CR.search(piece)
+        if cr is not None and cr.start() != len(piece) - 1:  # a CR at the end may be a CRLF's
+            return True
+        if _BARE_LF.search(piece, 1):  # the LF at 0 was checked against the last piece
+            return True
+        after_cr = piece[-1] == _CR
+    return after_cr
+
+
 def _reply_with_status(reply: Reply) -> bytes:
     """Give an App reply the class-level enhanced status code it lacks (RFC 3463)."""
     if reply.status is None and reply.code >= 250:
@@ -754,14 +772,12 @@ class Engine:
         if failure is None and not self._bdat_last:
             self._reply(_r(250, "2.0.0", f"{self._size} octets received"))
             return None
-        if failure is None:
-            content = b"".join(self._parts)
-            if _has_bare_line_end(content):
-                if not self.limits.accept_bare_line_endings:
-                    self._content_failure = BARE_LINE_END_IN_DATA
-                else:
-                    content = _BARE_LINE_END.sub(b"\r\n", content)
-            self._parts = [content]
+        if failure is None and _pieces_have_bare_line_end(self._parts):
+            # Checked in the pieces: the App joins them once, with its trace header in front.
+            if not self.limits.accept_bare_line_endings:
+                self._content_failure = BARE_LINE_END_IN_DATA
+            else:
+                self._parts = [_BARE_LINE_END.sub(_CRLF, b"".join(self._parts))]
         return self._finish_content()
 
     def _finish_content(self) -> Event | None:

@@ -264,3 +264,20 @@ def test_a_pipelined_batch_is_parsed_where_it_lies() -> None:
         engine.respond(Reply(250, "2.0.0", "ok"))
     assert messages == 1000
     assert engine.data_to_send().count(b"250 2.0.0 ok\r\n") == 3000
+
+
+# Bytes mapped onto "a", CR and LF, so that short random pieces are mostly line ends.
+_CRLF_ALPHABET = bytes(b"a\r\n"[i % 3] for i in range(256))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    pieces=st.lists(st.binary(max_size=6).map(lambda b: b.translate(_CRLF_ALPHABET)), max_size=8),
+    views=st.booleans(),
+)
+def test_bare_line_ends_found_in_pieces_as_in_their_join(pieces: list[bytes], views: bool) -> None:
+    """BDAT content is checked in the pieces it arrived in; a CRLF may be split between two."""
+    parts: list[bytes | memoryview] = [memoryview(p) for p in pieces] if views else list(pieces)
+    joined = b"".join(pieces)
+    assert protocol._pieces_have_bare_line_end(parts) == protocol._has_bare_line_end(joined)
+

@@ -165,6 +165,9 @@ CASES: list[tuple[str, bytes, list[str], dict[str, object]]] = [
     ("RFC 3030 chunk over the size", TX + b"BDAT 200 LAST\r\n" + b"x" * 200 + b"NOOP\r\n", [EHLO, MAIL_OK, RCPT_OK, "552 5.3.4", OK], {"limits": Limits(max_message_size=100)}),
     ("RFC 3030 chunk bytes are not commands", TX + b"BDAT 11 LAST\r\n\r\n.\r\nQUIT\r\n", [EHLO, MAIL_OK, RCPT_OK, QUEUED], {}),
     ("RFC 3030 bare LF in a chunk refused", TX + b"BDAT 3 LAST\r\na\nb", [EHLO, MAIL_OK, RCPT_OK, "550 5.5.2"], {}),
+    ("RFC 3030 CRLF split between chunks", TX + b"BDAT 3\r\nab\rBDAT 2 LAST\r\n\nc", [EHLO, MAIL_OK, RCPT_OK, OK, QUEUED], {}),
+    ("RFC 3030 CR ending a chunk, no LF after", TX + b"BDAT 3\r\nab\rBDAT 2 LAST\r\nxc", [EHLO, MAIL_OK, RCPT_OK, OK, "550 5.5.2"], {}),
+    ("RFC 3030 content ending in a CR", TX + b"BDAT 2\r\nabBDAT 1 LAST\r\n\r", [EHLO, MAIL_OK, RCPT_OK, OK, "550 5.5.2"], {}),
     ("RFC 3030 DATA after BDAT", TX + b"BDAT 3\r\nabcDATA\r\n", [EHLO, MAIL_OK, RCPT_OK, OK, SEQ], {}),
     ("RFC 3030 BDAT after a finished BDAT", TX + b"BDAT 1 LAST\r\naBDAT 1\r\nb", [EHLO, MAIL_OK, RCPT_OK, QUEUED, SEQ], {}),
     # RFC 5321 4.1.1.5 to 4.1.1.10
