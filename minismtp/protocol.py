@@ -370,7 +370,7 @@ class Engine:
                 return None if not self._eof else self._lost()
             return self._lost() if self._eof else NEED_DATA
         line = buf[pos:end]
-        self._pos = end + 2
+        self._resume_commands(buf, end + 2)
         if self._skipping_line:
             self._skipping_line = False
             return self._error(LINE_TOO_LONG)
@@ -388,6 +388,14 @@ class Engine:
                 return _CLOSED
             return self._error(UNRECOGNIZED)
         return handler(self, arg)
+
+    def _resume_commands(self, data: bytes, pos: int) -> None:
+        """Commands go on at ``data[pos:]``; a read taken to its end is let go at once (an
+        idle connection must not keep its last read, up to a megabyte after a message)."""
+        if pos < len(data):
+            self._buf, self._pos = data, pos
+        else:
+            self._buf, self._pos = b"", 0
 
     def _lost(self) -> Closed:
         """The client closed its side; whatever it had half sent is dropped."""
@@ -629,7 +637,7 @@ class Engine:
         else:
             ended = self._take(b"".join((self._tail, memoryview(data)[start:first])), 0)
             if ended:  # the read's first line ended the data: commands follow, in place
-                self._buf, self._pos = data, first
+                self._resume_commands(data, first)
             else:  # the head ended with the read's first CRLF: the rest starts there
                 ended = self._take(data, first - 2)
         if ended:
@@ -673,7 +681,7 @@ class Engine:
             rest = found.end()
         self._tail = b""
         self._state = _State.COMMAND
-        self._buf, self._pos = segment, rest  # the commands after it, parsed where they lie
+        self._resume_commands(segment, rest)  # the commands after it, parsed where they lie
         return True
 
     def _bound_tail(self) -> None:
@@ -760,7 +768,7 @@ class Engine:
         if take:
             if self._content_failure is None:
                 self._keep(buf if take == len(buf) else buf[pos : pos + take])
-            self._pos = pos + take
+            self._resume_commands(buf, pos + take)
             self._bdat_remaining -= take
         if self._bdat_remaining:
             return self._lost() if self._eof else NEED_DATA

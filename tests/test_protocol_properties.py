@@ -264,6 +264,7 @@ def test_a_pipelined_batch_is_parsed_where_it_lies() -> None:
         engine.respond(Reply(250, "2.0.0", "ok"))
     assert messages == 1000
     assert engine.data_to_send().count(b"250 2.0.0 ok\r\n") == 3000
+    assert engine._buf == b""  # taken to its end: the read is let go, not kept while idle
 
 
 # Bytes mapped onto "a", CR and LF, so that short random pieces are mostly line ends.
