@@ -143,14 +143,9 @@ _CR, _LF = ord("\r"), ord("\n")
 _SMALL_READ = 16 * 1024
 
 
-def _has_bare_line_end(data: bytes) -> bool:
-    """Whether ``data`` holds a CR or LF outside a CRLF."""
-    return bool(_BARE_CR.search(data) or _BARE_LF.search(data))
-
-
 def _pieces_have_bare_line_end(pieces: list[bytes | memoryview]) -> bool:
-    """:func:`_has_bare_line_end` of the pieces joined, without joining them: a CRLF may be
-    split between two pieces."""
+    """Whether the pieces joined hold a CR or LF outside a CRLF, without joining them: a
+    CRLF may be split between two pieces."""
     after_cr = False  # the last piece ended with a CR
     for piece in pieces:
         if not piece:

@@ -279,6 +279,7 @@ _CRLF_ALPHABET = bytes(b"a\r\n"[i % 3] for i in range(256))
 def test_bare_line_ends_found_in_pieces_as_in_their_join(pieces: list[bytes], views: bool) -> None:
     """BDAT content is checked in the pieces it arrived in; a CRLF may be split between two."""
     parts: list[bytes | memoryview] = [memoryview(p) for p in pieces] if views else list(pieces)
-    joined = b"".join(pieces)
-    assert protocol._pieces_have_bare_line_end(parts) == protocol._has_bare_line_end(joined)
+    outside_crlfs = b"".join(pieces).replace(b"\r\n", b"")  # what a CRLF does not cover
+    bare = b"\r" in outside_crlfs or b"\n" in outside_crlfs
+    assert protocol._pieces_have_bare_line_end(parts) == bare
 
