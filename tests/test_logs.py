@@ -6,6 +6,8 @@ import io
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -23,20 +25,26 @@ class WatchedStream(io.StringIO):
         return count
 
 
-def make_logger(stream: io.StringIO, interval: float) -> tuple[logging.Logger, BatchingHandler]:
+@contextmanager
+def batched_logger(
+    stream: io.StringIO, interval: float
+) -> Iterator[tuple[logging.Logger, BatchingHandler]]:
+    """A logger of its own writing to ``stream`` through a BatchingHandler, closed after."""
     handler = BatchingHandler(stream, interval=interval)
     handler.setFormatter(Formatter())
     logger = logging.getLogger(f"minismtp.test.{id(handler)}")
     logger.propagate = False
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
-    return logger, handler
+    try:
+        yield logger, handler
+    finally:
+        handler.close()
 
 
 def test_info_lines_wait_for_the_batch_and_come_out_in_order() -> None:
     stream = WatchedStream()
-    logger, handler = make_logger(stream, interval=3600)
-    try:
+    with batched_logger(stream, interval=3600) as (logger, handler):
         for number in range(3):
             logger.info("transaction %d", number)
         assert stream.getvalue() == ""  # batched: not one write per line
@@ -44,39 +52,31 @@ def test_info_lines_wait_for_the_batch_and_come_out_in_order() -> None:
         lines = stream.getvalue().splitlines()
         assert [line.split(": ", 1)[1] for line in lines] == [f"transaction {n}" for n in range(3)]
         assert all(" INFO minismtp.test." in line for line in lines)
-    finally:
-        handler.close()
 
 
 def test_a_warning_is_written_at_once_with_the_lines_before_it() -> None:
     stream = WatchedStream()
-    logger, handler = make_logger(stream, interval=3600)
-    try:
+    with batched_logger(stream, interval=3600) as (logger, _):
         logger.info("before")
         logger.warning("trouble")
         assert stream.getvalue().splitlines()[0].endswith("INFO " + logger.name + ": before")
         assert stream.getvalue().splitlines()[1].endswith("WARNING " + logger.name + ": trouble")
-    finally:
-        handler.close()
 
 
 def test_lines_are_written_within_the_interval_without_further_logging() -> None:
     stream = WatchedStream()
-    logger, handler = make_logger(stream, interval=0.05)
-    try:
+    with batched_logger(stream, interval=0.05) as (logger, _):
         logger.info("quiet server")
         assert stream.written.wait(timeout=10), "the flusher thread never wrote the line"
         assert stream.getvalue().endswith(": quiet server\n")
-    finally:
-        handler.close()
 
 
 def test_close_writes_what_is_left() -> None:
     stream = WatchedStream()
-    logger, handler = make_logger(stream, interval=3600)
-    logger.info("last words")
-    handler.close()
-    assert stream.getvalue().endswith(": last words\n")
+    with batched_logger(stream, interval=3600) as (logger, handler):
+        logger.info("last words")
+        handler.close()
+        assert stream.getvalue().endswith(": last words\n")
 
 
 @pytest.mark.parametrize("created", [1_700_000_000.0, 1_700_000_000.25, 1_700_000_001.999])
@@ -130,8 +130,7 @@ def test_an_info_line_below_the_level_makes_no_record() -> None:
 
 def test_an_info_line_to_the_batching_handler_alone_reads_as_logger_info_writes_it() -> None:
     stream = WatchedStream()
-    logger, handler = make_logger(stream, interval=3600)
-    try:
+    with batched_logger(stream, interval=3600) as (logger, handler):
         InfoLine(logger)("transaction 1")
         logger.info("transaction %d", 2)
         handler.flush()
@@ -140,8 +139,6 @@ def test_an_info_line_to_the_batching_handler_alone_reads_as_logger_info_writes_
         assert usual.split(" ", 2)[2] == f"INFO {logger.name}: transaction 2"
         assert direct[:19] <= usual[:19]  # the date, to the second
         assert direct[19] == "," and direct[20:23].isdigit()
-    finally:
-        handler.close()
 
 
 class Upper(logging.Filter):
@@ -153,9 +150,8 @@ class Upper(logging.Filter):
 @pytest.mark.parametrize("where", ["logger", "handler"])
 def test_an_info_line_passes_through_filters_and_second_handlers(where: str) -> None:
     stream = WatchedStream()
-    logger, handler = make_logger(stream, interval=3600)
-    keep = Keep()
-    try:
+    with batched_logger(stream, interval=3600) as (logger, handler):
+        keep = Keep()
         if where == "logger":
             logger.addFilter(Upper())
             logger.addHandler(keep)
@@ -166,25 +162,23 @@ def test_an_info_line_passes_through_filters_and_second_handlers(where: str) -> 
         assert stream.getvalue().endswith(": FILTERED\n")
         if where == "logger":
             assert [record.getMessage() for record in keep.records] == ["FILTERED"]
-    finally:
-        handler.close()
 
 
 def test_no_line_is_lost_while_the_flusher_writes_concurrently() -> None:
     stream = io.StringIO()
-    logger, handler = make_logger(stream, interval=0.0005)  # the flusher runs all the time
-    line = InfoLine(logger)
+    with batched_logger(stream, interval=0.0005) as (logger, handler):  # flushing non-stop
+        line = InfoLine(logger)
 
-    def log_many(worker: int) -> None:
-        for number in range(5000):
-            line(f"worker {worker} line {number}")
+        def log_many(worker: int) -> None:
+            for number in range(5000):
+                line(f"worker {worker} line {number}")
 
-    threads = [threading.Thread(target=log_many, args=(worker,)) for worker in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    handler.close()
+        threads = [threading.Thread(target=log_many, args=(worker,)) for worker in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        handler.close()
     lines = stream.getvalue().splitlines()
     assert len(lines) == 20000
     assert len(set(lines)) == 20000
