@@ -97,12 +97,18 @@ class Keep(logging.Handler):
         self.records.append(record)
 
 
-def test_an_info_line_is_a_complete_record_like_logger_info_makes() -> None:
-    logger = logging.getLogger("minismtp.test.info_line")
+def kept_logger(name: str, level: int) -> tuple[logging.Logger, Keep]:
+    """A logger of its own whose records are kept, not written."""
+    logger = logging.getLogger(f"minismtp.test.{name}")
     logger.propagate = False
     keep = Keep()
     logger.addHandler(keep)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(level)
+    return logger, keep
+
+
+def test_an_info_line_is_a_complete_record_like_logger_info_makes() -> None:
+    logger, keep = kept_logger("info_line", logging.INFO)
     line = InfoLine(logger)
     before = time.time()
     line("first transaction")
@@ -119,11 +125,7 @@ def test_an_info_line_is_a_complete_record_like_logger_info_makes() -> None:
 
 
 def test_an_info_line_below_the_level_makes_no_record() -> None:
-    logger = logging.getLogger("minismtp.test.info_line_quiet")
-    logger.propagate = False
-    keep = Keep()
-    logger.addHandler(keep)
-    logger.setLevel(logging.WARNING)
+    logger, keep = kept_logger("info_line_quiet", logging.WARNING)
     InfoLine(logger)("not wanted")
     assert keep.records == []
 
