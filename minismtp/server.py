@@ -480,17 +480,14 @@ class _AppCall:
         call, waiting_on = self.call, self.waiting_on
         while True:
             try:
-                sent = yield waiting_on
-            except BaseException as exc:  # cancellation included: passed on
                 try:
+                    sent = yield waiting_on
+                except BaseException as exc:  # cancellation included: passed on
                     waiting_on = call.throw(exc)
-                except StopIteration as done:
-                    return cast(Reply, done.value)
-            else:
-                try:
+                else:
                     waiting_on = call.send(sent)
-                except StopIteration as done:
-                    return cast(Reply, done.value)
+            except StopIteration as done:
+                return cast(Reply, done.value)
 
 
 class _Flush:
