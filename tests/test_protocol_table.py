@@ -145,6 +145,7 @@ CASES: list[tuple[str, bytes, list[str], dict[str, object]]] = [
     ("3.3 two transactions", TX + MSG + M + R + MSG, [EHLO, MAIL_OK, RCPT_OK, "354", QUEUED, MAIL_OK, RCPT_OK, "354", QUEUED], {}),
     ("4.5.2 bare LF refused", TX + b"DATA\r\na\nb\r\n.\r\n", [EHLO, MAIL_OK, RCPT_OK, "354", "550 5.5.2"], {}),
     ("4.5.2 bare CR refused", TX + b"DATA\r\na\rb\r\n.\r\n", [EHLO, MAIL_OK, RCPT_OK, "354", "550 5.5.2"], {}),
+    ("4.5.2 bare CR and LF around a line's dot refused", TX + b"DATA\r\na\r\r\n.\nb\r\n.\r\n", [EHLO, MAIL_OK, RCPT_OK, "354", "550 5.5.2"], {}),
     ("4.5.2 bare LF normalised on request", TX + b"DATA\r\na\nb\r\n.\r\n", [EHLO, MAIL_OK, RCPT_OK, "354", QUEUED], {"limits": Limits(accept_bare_line_endings=True)}),
     ("RFC 1870 message over the size", TX + b"DATA\r\n" + b"x" * 98 + b"\r\n.\r\n", [EHLO, MAIL_OK, RCPT_OK, "354", "552 5.3.4"], {"limits": Limits(max_message_size=99)}),
     ("RFC 1870 message at the size", TX + b"DATA\r\n" + b"x" * 98 + b"\r\n.\r\n", [EHLO, MAIL_OK, RCPT_OK, "354", QUEUED], {"limits": Limits(max_message_size=100)}),
