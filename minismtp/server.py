@@ -55,6 +55,10 @@ from minismtp.tls import TLSConfig, TLSHandshakeFailed
 from minismtp.types import Message, Reply, Session
 from minismtp.wires import StreamWire, TrioSocketWire, Wire
 
+if sys.version_info < (3, 11):
+    # anyio installs it below 3.11; mypy checks as 3.10 where it may not be installed.
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found, unused-ignore]
+
 if TYPE_CHECKING:  # imported on the asyncio path only: trio need not load asyncio (~1.4 MB)
     import asyncio
 
@@ -916,10 +920,25 @@ async def serve(
                     await server.stop(grace=0)
                 raise
             await server.stop()
+    except BaseExceptionGroup as group:
+        # On trio a KeyboardInterrupt lands in whichever task runs (often a session's) and
+        # leaves through three task groups; it leaves serve() bare, as it does on asyncio.
+        leaf = _sole_exit(group)
+        if leaf is None:
+            raise
+        raise leaf from None
     finally:
         with anyio.CancelScope(shield=True):
             for listener, _ in server._listeners:
                 await listener.aclose()
+
+
+def _sole_exit(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The KeyboardInterrupt or SystemExit that is all ``group`` holds, however nested."""
+    inner: BaseException = group
+    while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+        inner = inner.exceptions[0]
+    return inner if isinstance(inner, KeyboardInterrupt | SystemExit) else None
 
 
 @attrs.define

@@ -161,6 +161,31 @@ async def test_hook_that_raises_gives_451_and_the_next_transaction_works(
     assert [m.original for m in drain(server)] == [BODY]
 
 
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_a_keyboard_interrupt_in_a_session_leaves_serve_bare() -> None:
+    """Trio raises a KeyboardInterrupt in whichever task runs, often a session's; it leaves
+    serve() as itself, not in nested exception groups. (On asyncio it leaves the event loop
+    from the task at once, asyncio's own way, which a test cannot catch.)"""
+    app = App(hostname="mx.example.com")
+
+    @app.on_rcpt
+    def interrupted(tx: Transaction, rcpt: Address) -> None:
+        raise KeyboardInterrupt
+
+    def send_quietly(port: int) -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.sendmail("a@example.com", ["b@example.com"], BODY)
+        except (smtplib.SMTPException, OSError):
+            pass  # the server is gone mid-session
+
+    with anyio.fail_after(10), pytest.raises(KeyboardInterrupt):
+        async with serve(app, "127.0.0.1", 0) as server:
+            port = server.addresses[0][1]
+            await anyio.to_thread.run_sync(send_quietly, port, abandon_on_cancel=True)
+            await anyio.sleep_forever()
+
+
 # -- load ----------------------------------------------------------------------------------------
 
 
