@@ -61,15 +61,17 @@ class Running:
             self._ended.add(stream)
             self._changed.notify_all()
 
-    def wait_for(self, stream: str, pattern: str, timeout: float = 10) -> re.Match[str]:
-        """The first line of ``stream`` matching ``pattern``, waiting for it to come."""
+    def wait_for(
+        self, stream: str, pattern: str, timeout: float = 10, count: int = 1
+    ) -> re.Match[str]:
+        """The ``count``-th line of ``stream`` matching ``pattern``, waiting for it to come."""
         deadline = time.monotonic() + timeout
         regex = re.compile(pattern)
         with self._changed:
             while True:
-                for line in getattr(self, stream):
-                    if match := regex.search(line):
-                        return match
+                matches = [m for line in getattr(self, stream) if (m := regex.search(line))]
+                if len(matches) >= count:
+                    return matches[count - 1]
                 left = deadline - time.monotonic()
                 if left <= 0 or stream in self._ended:
                     raise AssertionError(

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import signal
 import smtplib
+import ssl
 import sys
 import threading
 from pathlib import Path
 
 import pytest
+from conftest import issue_certificates
 from test_cli import run
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="--workers is POSIX only")
@@ -70,13 +74,34 @@ def test_a_worker_that_dies_is_restarted(tmp_path: Path) -> None:
     with run("--workers", "2", "--maildir", "box", cwd=tmp_path) as server:
         first = int(server.wait_for("stderr", WORKER.format(0)).group(1))
         server.wait_for("stderr", r"worker 0 \(pid \d+\) serving")
-        import os
-
         os.kill(first, signal.SIGKILL)
         server.wait_for("stderr", rf"worker 0 \(pid {first}\) exited with status -9; restarting")
         server.wait_for("stderr", rf"worker 0 started \(pid (?!{first}\))\d+\)")
         for n in range(10):
             with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as smtp:
+                smtp.sendmail("a@example.com", ["b@example.com"], body(0, n))
+        assert server.stop() == 0, "\n".join(server.stderr)
+    assert len(list((tmp_path / "box" / "new").iterdir())) == 10
+
+
+def test_sighup_reaches_every_worker_and_each_reloads_the_certificate(tmp_path: Path) -> None:
+    first = issue_certificates(tmp_path / "first")
+    second = issue_certificates(tmp_path / "second")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copy(first.cert_path, cert)
+    shutil.copy(first.key_path, key)
+    tls = ("--tls-cert", str(cert), "--tls-key", str(key))
+    with run("--workers", "2", "--maildir", "box", *tls, cwd=tmp_path) as server:
+        for i in (0, 1):
+            server.wait_for("stderr", rf"worker {i} \(pid \d+\) serving")
+        shutil.copy(second.cert_path, cert)
+        shutil.copy(second.key_path, key)
+        server.process.send_signal(signal.SIGHUP)
+        server.wait_for("stderr", "TLS certificate reloaded", count=2)  # one line per worker
+        context = ssl.create_default_context(cafile=str(second.ca_path))
+        for n in range(10):  # new connections, whichever worker takes each
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as smtp:
+                smtp.starttls(context=context)
                 smtp.sendmail("a@example.com", ["b@example.com"], body(0, n))
         assert server.stop() == 0, "\n".join(server.stderr)
     assert len(list((tmp_path / "box" / "new").iterdir())) == 10
