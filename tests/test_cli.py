@@ -19,7 +19,7 @@ from pathlib import Path
 
 import attrs
 import pytest
-from conftest import issue_certificates
+from conftest import Certificates, issue_certificates
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = b"From: a@example.com\r\nSubject: cli\r\n\r\nThrough the command line.\r\n"
@@ -213,15 +213,39 @@ def test_sigint_stops_an_idle_server_with_exit_0(tmp_path: Path) -> None:
         assert b"421 4.3.2" in idle.recv(100)
 
 
+@attrs.frozen
+class RenewedCertificate:
+    """The files a server is started with (``args``), holding the ``first`` certificate until
+    :meth:`renew` puts the ``second`` in their place, as an operator renewing it does."""
+
+    first: Certificates
+    second: Certificates
+    cert: Path
+    key: Path
+
+    @classmethod
+    def issue(cls, directory: Path) -> RenewedCertificate:
+        first = issue_certificates(directory / "first")
+        second = issue_certificates(directory / "second")
+        renewed = cls(first, second, directory / "cert.pem", directory / "key.pem")
+        shutil.copy(first.cert_path, renewed.cert)
+        shutil.copy(first.key_path, renewed.key)
+        return renewed
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        return ("--tls-cert", str(self.cert), "--tls-key", str(self.key))
+
+    def renew(self) -> None:
+        shutil.copy(self.second.cert_path, self.cert)
+        shutil.copy(self.second.key_path, self.key)
+
+
 def test_sighup_reloads_the_certificate_for_new_connections(tmp_path: Path) -> None:
     """Issue 4: swap the files, SIGHUP, and a new connection sees the new certificate."""
-    first = issue_certificates(tmp_path / "first")
-    second = issue_certificates(tmp_path / "second")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    shutil.copy(first.cert_path, cert)
-    shutil.copy(first.key_path, key)
-    args = ("--tls-cert", str(cert), "--tls-key", str(key), "--tls-port", "0")
-    with run(*args, cwd=tmp_path) as server:
+    certificate = RenewedCertificate.issue(tmp_path)
+    first, second = certificate.first, certificate.second
+    with run(*certificate.args, "--tls-port", "0", cwd=tmp_path) as server:
         assert server.tls_port is not None
 
         def handshake_with(ca_path: Path) -> None:
@@ -231,8 +255,7 @@ def test_sighup_reloads_the_certificate_for_new_connections(tmp_path: Path) -> N
                     assert tls.recv(100).startswith(b"220 ")
 
         handshake_with(first.ca_path)
-        shutil.copy(second.cert_path, cert)
-        shutil.copy(second.key_path, key)
+        certificate.renew()
         server.process.send_signal(signal.SIGHUP)
         server.wait_for("stderr", "TLS certificate reloaded")
         handshake_with(second.ca_path)

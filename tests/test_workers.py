@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import smtplib
 import ssl
@@ -13,8 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import issue_certificates
-from test_cli import run
+from test_cli import RenewedCertificate, run
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="--workers is POSIX only")
 
@@ -85,20 +83,14 @@ def test_a_worker_that_dies_is_restarted(tmp_path: Path) -> None:
 
 
 def test_sighup_reaches_every_worker_and_each_reloads_the_certificate(tmp_path: Path) -> None:
-    first = issue_certificates(tmp_path / "first")
-    second = issue_certificates(tmp_path / "second")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    shutil.copy(first.cert_path, cert)
-    shutil.copy(first.key_path, key)
-    tls = ("--tls-cert", str(cert), "--tls-key", str(key))
-    with run("--workers", "2", "--maildir", "box", *tls, cwd=tmp_path) as server:
+    certificate = RenewedCertificate.issue(tmp_path)
+    with run("--workers", "2", "--maildir", "box", *certificate.args, cwd=tmp_path) as server:
         for i in (0, 1):
             server.wait_for("stderr", rf"worker {i} \(pid \d+\) serving")
-        shutil.copy(second.cert_path, cert)
-        shutil.copy(second.key_path, key)
+        certificate.renew()
         server.process.send_signal(signal.SIGHUP)
         server.wait_for("stderr", "TLS certificate reloaded", count=2)  # one line per worker
-        context = ssl.create_default_context(cafile=str(second.ca_path))
+        context = ssl.create_default_context(cafile=str(certificate.second.ca_path))
         for n in range(10):  # new connections, whichever worker takes each
             with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as smtp:
                 smtp.starttls(context=context)
