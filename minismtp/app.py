@@ -29,7 +29,7 @@ from minismtp.maildir import Maildir
 from minismtp.metrics import Metrics
 from minismtp.protocol import Limits
 from minismtp.received import received_header
-from minismtp.types import Address, Message, Reply, Session, Transaction
+from minismtp.types import Address, Message, Reply, Session, Transaction, queued_reply
 
 logger = logging.getLogger("minismtp.app")
 
@@ -355,7 +355,7 @@ class App:
                 ",".join(f"<{rcpt}>" for rcpt in message.rcpt_to),
                 message.size,
             )
-        return Reply(250, "2.0.0", f"OK queued as {message.id}")
+        return queued_reply(message.id)
 
     async def _store(self, message: Message) -> None:
         assert self.maildir is not None
