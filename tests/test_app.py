@@ -14,7 +14,7 @@ from minismtp.events import Connect, Event, Handler, Helo, Rcpt
 from minismtp.ids import new_id
 from minismtp.protocol import Limits
 from minismtp.testing import TestClient
-from minismtp.types import Address, Message, Reply, Session, Transaction
+from minismtp.types import Address, Message, Reply, Session, Transaction, queued_reply
 
 pytestmark = pytest.mark.anyio
 
@@ -603,3 +603,13 @@ async def test_the_app_is_a_handler_that_middleware_can_wrap_directly() -> None:
     refused = await handler(Rcpt(session, tx, Address("x", "example.com"), {}))
     accepted = await handler(Rcpt(session, tx, Address("y", "example.com"), {}))
     assert (refused.code, accepted) == (550, Reply(250, "2.1.5", "OK"))
+
+
+def test_the_queued_reply_is_the_reply_its_fields_make() -> None:
+    """Built without the validators (it is made for every message): equal to the checked one,
+    on the wire, in its repr and its hash."""
+    message_id = new_id()
+    checked = Reply(250, "2.0.0", f"OK queued as {message_id}")
+    built = queued_reply(message_id)
+    assert built == checked and hash(built) == hash(checked) and repr(built) == repr(checked)
+    assert bytes(built) == bytes(checked) == f"250 2.0.0 OK queued as {message_id}\r\n".encode()
