@@ -142,6 +142,7 @@ _SMALL_READ = 16 * 1024
 
 
 def _has_bare_line_end(text: bytes) -> bool:
+    """Whether ``text`` holds a CR or LF outside a CRLF (most texts: none at all, two memchr)."""
     return (_CR in text or _LF in text) and (
         _BARE_CR.search(text) is not None or _BARE_LF.search(text) is not None
     )
