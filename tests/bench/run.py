@@ -554,8 +554,12 @@ class Bench:
             shown += f" (other processes: {values['foreign_pct']:.0f}% of the machine)"
         progress(f"[round {round_no}] {scenario:9} {target.name:17} {shown}")
 
+    def values(self, row: Row, target: str) -> list[float]:
+        """One value per round, in round order."""
+        return self.results.get(row.scenario, {}).get(row.metric, {}).get(target, [])
+
     def median(self, row: Row, target: str) -> float | None:
-        values = self.results.get(row.scenario, {}).get(row.metric, {}).get(target)
+        values = self.values(row, target)
         return statistics.median(values) if values else None
 
 
@@ -579,10 +583,20 @@ def markdown_table(bench: Bench) -> str:
                 continue
             cell = row.fmt.format(value)
             if base and name != BASELINE:
-                cell += f" (x{value / base:.2f})"
+                cell += f" (x{value / base:.2f}{round_ratios(bench, row, name)})"
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def round_ratios(bench: Bench, row: Row, name: str) -> str:
+    """``"; rounds x3.04-x5.21"``: the lowest and highest ratio of one round's two figures, which
+    were measured a few seconds apart (the machine's speed moves more slowly than that)."""
+    pairs = zip(bench.values(row, name), bench.values(row, BASELINE), strict=False)
+    ratios = [value / base for value, base in pairs if base]
+    if len(ratios) < 2:
+        return ""
+    return f"; rounds x{min(ratios):.2f}-x{max(ratios):.2f}"
 
 
 def describe(bench: Bench, elapsed: float, load: float) -> str:
