@@ -132,14 +132,16 @@ class ProtocolWire(asyncio.Protocol):
                 await self._reader
             finally:
                 self._reader = None
-        chunks = self._chunks
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self._chunks = []
-        self._size = 0
+        chunks = self._take_queued()
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _take_queued(self) -> list[bytes]:
+        """The chunks queued so far, which leave room to read again."""
+        chunks, self._chunks, self._size = self._chunks, [], 0
         if self._paused and self._transport is not None:
             self._paused = False
             self._transport.resume_reading()
-        return data
+        return chunks
 
     def unread(self, data: bytes) -> None:
         self._chunks.insert(0, data)
@@ -168,17 +170,12 @@ class ProtocolWire(asyncio.Protocol):
 
     async def start_tls(self, tls: TLSConfig) -> TLSInfo:
         # Whatever came in the clear after STARTTLS is dropped here, as in the engine.
-        self._chunks = []
-        self._size = 0
-        if self._paused and self._transport is not None:
-            self._paused = False
-            self._transport.resume_reading()
+        self._take_queued()
         if self._lost or self._transport is None:
             raise TLSHandshakeFailed("connection lost")
-        loop = asyncio.get_running_loop()
         try:
             with anyio.fail_after(tls.handshake_timeout):
-                transport = await loop.start_tls(
+                transport = await self.loop.start_tls(
                     self._transport,
                     self,
                     tls.context,

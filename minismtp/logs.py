@@ -37,7 +37,12 @@ class Formatter(logging.Formatter):
             return super().format(record)
         record.message = message = record.getMessage()
         record.asctime = date = self.formatTime(record)
-        return f"{date} {record.levelname} {record.name}: {message}"
+        return self.line(date, record.levelname, record.name, message)
+
+    @staticmethod
+    def line(date: str, level: str, name: str, message: str) -> str:
+        """The one layout of a line, for records and for :class:`InfoLine`'s lines alike."""
+        return f"{date} {level} {name}: {message}"
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return self.date(record.created, record.msecs)
@@ -83,7 +88,7 @@ class BatchingHandler(logging.Handler):
         if type(formatter) is not Formatter or self.filters or self.level > logging.INFO:
             return False
         date = formatter.date(created, (created - int(created)) * 1000)
-        self._lines.append(f"{date} INFO {name}: {message}")
+        self._lines.append(formatter.line(date, "INFO", name, message))
         return True
 
     def flush(self) -> None:

@@ -667,7 +667,7 @@ class Engine:
         content_end = end.start() + 2  # up to the CRLF before the dot
         # The LFs before the first dot line were checked on the way to it: when that line is
         # the end of data, there is nothing to unstuff, and no bare LF.
-        dots = bare_lf or end.start() + 1 != odd
+        dots = end.start() + 1 != odd
         self._settle(segment, start, content_end, content_end, dots=dots, bare_lf=bare_lf)
         rest = end.end()
         self._tail = b""
@@ -723,27 +723,28 @@ class Engine:
                     self._refuse_content(TEXT_LINE_TOO_LONG)
                     return
                 pos = newline + 1
-        if dots and not bare_lf:
-            # As _UNSTUFF.sub(), a tenth cheaper: one list item per dot line, not two.
-            lines = _UNSTUFF.split(memoryview(segment)[start:cut])
-            # What is left between the CRLF-dots, a NUL in place of each, holds every other
-            # CR and LF of the segment beside its neighbours there. A stuffed line has none:
-            # one memchr then stands for the scans for bare CRs and LFs, the costliest of all.
-            if not _has_bare_line_end(b"\0".join(lines)):
-                piece = _CRLF.join(lines)
-                self._keep(memoryview(piece)[skip - start :] if skip > start else piece)
+        if not bare_lf:
+            if dots:
+                # As _UNSTUFF.sub(), a tenth cheaper: one list item per dot line, not two.
+                lines = _UNSTUFF.split(memoryview(segment)[start:cut])
+                # What is left between the CRLF-dots, a NUL in place of each, holds every
+                # other CR and LF of the segment beside its neighbours there. A stuffed line
+                # has none: one memchr then stands for the scans for bare CRs and LFs.
+                if not _has_bare_line_end(b"\0".join(lines)):
+                    piece = _CRLF.join(lines)
+                    self._keep(memoryview(piece)[skip - start :] if skip > start else piece)
+                    return
+            elif _BARE_CR.search(segment, start, cut) is None:
+                # Nothing to unstuff: keep a view of the segment, not a copy (join takes views).
+                self._keep(memoryview(segment)[skip:cut])
                 return
-            bare_lf = True  # or a bare CR: either way, it is not kept as it is
-        if bare_lf or _BARE_CR.search(segment, start, cut):
-            if not self.limits.accept_bare_line_endings:
-                self._refuse_content(BARE_LINE_END_IN_DATA)
-                return
-            # Unstuff first, so that only real CRLF-dot line starts lose their dot.
-            piece = _UNSTUFF.sub(_CRLF, segment[start:cut])
-            self._keep(_BARE_LINE_END.sub(_CRLF, piece)[skip - start :])
-        else:
-            # Nothing to unstuff: keep a view of the segment, not a copy (join takes views).
-            self._keep(memoryview(segment)[skip:cut])
+        # A CR or LF outside a CRLF.
+        if not self.limits.accept_bare_line_endings:
+            self._refuse_content(BARE_LINE_END_IN_DATA)
+            return
+        # Unstuff first, so that only real CRLF-dot line starts lose their dot.
+        piece = _UNSTUFF.sub(_CRLF, segment[start:cut])
+        self._keep(_BARE_LINE_END.sub(_CRLF, piece)[skip - start :])
 
     def _keep(self, piece: bytes | memoryview) -> None:
         self._size += len(piece)

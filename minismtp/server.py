@@ -298,9 +298,8 @@ class Server:
                 await anyio.sleep(0.1)
                 continue
             peer = _ip_address(stream.extra(SocketAttribute.remote_address))
-            if self._active >= self.config.max_connections:
+            if not self._admit(peer):
                 # Answered here, not in a new task, so a flood costs no unbounded work.
-                self._note_refusal(peer)
                 with anyio.move_on_after(1.0):
                     # On the implicit TLS port a plaintext reply would be noise: just close.
                     if not implicit_tls:
@@ -308,7 +307,6 @@ class Server:
                             await stream.send(bytes(TOO_MANY_CONNECTIONS))
                 await anyio.aclose_forcefully(stream)
                 continue
-            self._active += 1
             local = _ip_address(stream.extra(SocketAttribute.local_address))
             wire = StreamWire(stream, read_size)
             start_session(self._handle, wire, peer, local, implicit_tls, name=_SESSION)
@@ -346,16 +344,14 @@ class Server:
             if connection.family in (socket.AF_INET, socket.AF_INET6):
                 connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = _ip_address(address)
-            if self._active >= self.config.max_connections:
+            if not self._admit(peer):
                 # Answered here, not in a new task, so a flood costs no unbounded work. A new
                 # connection's buffer takes the line at once, or the client is gone.
-                self._note_refusal(peer)
                 if not implicit_tls:  # on the TLS port a plaintext reply would be noise
                     with contextlib.suppress(OSError):
                         connection.send(bytes(TOO_MANY_CONNECTIONS))
                 connection.close()
                 continue
-            self._active += 1
             local = _ip_address(connection.getsockname())
             wire = TrioSocketWire.over_socket(connection, read_size)
             start_session(self._handle, wire, peer, local, implicit_tls, name=_SESSION)
@@ -376,12 +372,10 @@ class Server:
         if self._stopping:
             transport.abort()
             return
-        if self._active >= self.config.max_connections:
-            self._note_refusal(peer)
+        if not self._admit(peer):
             transport.write(bytes(TOO_MANY_CONNECTIONS))
             transport.close()
             return
-        self._active += 1
         local = _ip_address(transport.get_extra_info("sockname"))
         # A plain asyncio task, not one of the task group's: anyio's bookkeeping (a handle, a
         # cancel scope and an event per task) would cost 2 KB per connection, and the server
@@ -389,6 +383,15 @@ class Server:
         task = wire.loop.create_task(self._handle(wire, peer, local, False))
         self._asyncio_tasks.add(task)  # the loop itself keeps only a weak reference
         task.add_done_callback(self._asyncio_tasks.discard)
+
+    def _admit(self, peer: tuple[str, int]) -> bool:
+        """Count the connection from ``peer`` in; False (the refusal noted) when all
+        ``max_connections`` are taken."""
+        if self._active >= self.config.max_connections:
+            self._note_refusal(peer)
+            return False
+        self._active += 1
+        return True
 
     def _note_refusal(self, peer: tuple[str, int]) -> None:
         # One line per ten seconds at most: a flood must not flood the log as well.

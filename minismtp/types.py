@@ -108,16 +108,15 @@ class Reply:
 def queued_reply(message_id: str) -> Reply:
     """``250 2.0.0 OK queued as <message_id>``, the one reply made anew for every message.
 
-    Built field by field, with its wire form: the validators would only confirm what holds for
-    every id we make (hex digits). Once per message, that saves about half a microsecond.
+    Built field by field: the validators would only confirm what holds for every id we make
+    (hex digits). Once per message, that saves about a third of a microsecond.
     """
-    text = f"OK queued as {message_id}"
     reply: Reply = object.__new__(Reply)
     set_field = object.__setattr__
     set_field(reply, "code", 250)
     set_field(reply, "status", "2.0.0")
-    set_field(reply, "text", text)
-    set_field(reply, "_wire", f"250 2.0.0 {text}\r\n".encode())
+    set_field(reply, "text", f"OK queued as {message_id}")
+    set_field(reply, "_wire", None)  # made by __bytes__, as for any reply
     return reply
 
 
