@@ -31,6 +31,8 @@ class ClientAccess:
     its IPv4 address; a peer that is not an IP (a UNIX socket) matches no range.
     """
 
+    acts_on = (Connect,)
+
     def __init__(
         self,
         app: Handler,

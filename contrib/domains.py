@@ -115,6 +115,8 @@ class RecipientDomainFilter:
     it. Patterns as in the module docstring (``*.example.com`` is subdomains only).
     """
 
+    acts_on = (Rcpt,)
+
     def __init__(self, app: Handler, *, domains: Iterable[str]) -> None:
         self.app = app
         self.domains = DomainList.of(domains)
@@ -137,6 +139,8 @@ class SenderDomainFilter:
     stays acceptable whatever ``allow`` says; to refuse it anyway, put ``"<>"`` in ``deny``.
     Patterns as in the module docstring.
     """
+
+    acts_on = (Mail,)
 
     def __init__(
         self,

@@ -27,6 +27,8 @@ class EarlyTalker:
     short (a few seconds): every legitimate client waits that long too.
     """
 
+    acts_on = (Connect,)
+
     def __init__(self, app: Handler, *, delay: float = 3.0) -> None:
         if delay <= 0:
             raise ValueError("delay must be positive")

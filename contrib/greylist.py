@@ -97,6 +97,8 @@ class Greylist:
     injectable for tests.
     """
 
+    acts_on = (Rcpt,)
+
     def __init__(
         self,
         app: Handler,

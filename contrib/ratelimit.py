@@ -50,6 +50,8 @@ class ConnectionLimit:
     ``clock`` (monotonic seconds) is injectable for tests.
     """
 
+    acts_on = (Connect,)
+
     def __init__(
         self,
         app: Handler,

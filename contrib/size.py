@@ -38,6 +38,8 @@ class MessageSizeLimit:
     wins, in any order.
     """
 
+    acts_on = (Helo, Mail, Data)
+
     def __init__(self, app: Handler, *, max_bytes: int) -> None:
         if max_bytes < 1:
             raise ValueError("max_bytes must be at least 1")

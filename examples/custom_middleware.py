@@ -26,6 +26,8 @@ class DenyListedRecipients:
     Acts at **rcpt**; every other event, and every other recipient, goes on down the stack.
     """
 
+    acts_on = (Rcpt,)  # the App sends the other events past it
+
     def __init__(self, app: Handler, *, denied: Iterable[str]) -> None:
         self.app = app
         self.denied = {address.lower() for address in denied}

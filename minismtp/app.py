@@ -60,7 +60,11 @@ P = ParamSpec("P")
 
 
 class MiddlewareFactory(Protocol[P]):
-    """A middleware class: ``Middleware(app, **options)`` gives a handler wrapping ``app``."""
+    """A middleware class: ``Middleware(app, **options)`` gives a handler wrapping ``app``.
+
+    The class may say which events it acts on, as a class attribute: ``acts_on = (Rcpt,)``.
+    It then passes every other event to ``app`` unchanged, and the App sends those past it.
+    """
 
     def __call__(self, app: Handler, /, *args: P.args, **kwargs: P.kwargs) -> Handler: ...
 
@@ -70,6 +74,30 @@ class _Middleware(Generic[P]):
     factory: MiddlewareFactory[P]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    acts_on: tuple[type[Event], ...] | None  # None: every event
+
+
+def _acts_on(middleware: object) -> tuple[type[Event], ...] | None:
+    declared = getattr(middleware, "acts_on", None)
+    if declared is None:
+        return None
+    if not (
+        isinstance(declared, tuple)
+        and declared
+        and all(isinstance(kind, type) and issubclass(kind, Event) for kind in declared)
+    ):
+        raise TypeError(f"{middleware!r}: acts_on must be a tuple of event classes")
+    return declared
+
+
+def _next_for_each_event(handlers: dict[type[Event], Handler], default: Handler) -> Handler:
+    """What a middleware awaits as its ``app`` when the handlers below it differ by event."""
+    handler_for = handlers.get
+
+    def next_handler(event: Event) -> Awaitable[Reply]:
+        return handler_for(type(event), default)(event)
+
+    return next_handler
 
 
 async def _resolve(result: Reply | Awaitable[Reply | None] | None) -> Reply | None:
@@ -129,6 +157,8 @@ class App:
         self._startup_hooks: list[LifespanHook] = []
         self._shutdown_hooks: list[LifespanHook] = []
         self._middleware: list[_Middleware[Any]] = []
+        # Built at the first event: the stack per event class, and for any other class.
+        self._stacks: dict[type[Event], Handler] = {}
         self._stack: Handler | None = None
         self._routes: dict[type[Event], Callable[[Any], Awaitable[Reply]]] = {
             Connect: self._on_connect,
@@ -175,7 +205,7 @@ class App:
         """Wrap the App in ``middleware(app, **options)``; the last added runs first."""
         if self._stack is not None:
             raise RuntimeError("cannot add middleware after the App has started handling events")
-        self._middleware.append(_Middleware(middleware, args, options))
+        self._middleware.append(_Middleware(middleware, args, options, _acts_on(middleware)))
 
     def on_connect(self, hook: ConnectHookT) -> ConnectHookT:
         """``hook(session)`` for each new connection; a Reply refuses it (e.g. 554)."""
@@ -233,7 +263,7 @@ class App:
         """
         stack = self._stack or self._build_stack()
         try:
-            return await stack(event)
+            return await self._stacks.get(type(event), stack)(event)
         except Exception:
             if raise_exceptions:
                 raise
@@ -249,11 +279,24 @@ class App:
     __call__ = handle
 
     def _build_stack(self) -> Handler:
-        handler: Handler = self._route
+        """Build the middleware once, innermost first; keep, per event class, the handler an
+        event of that class goes to first. A middleware that declares ``acts_on`` is on the
+        way of those events only: at the other stages it costs nothing."""
+        stacks: dict[type[Event], Handler] = dict(self._routes)
+        stack: Handler = self._route  # for events of any other class: every middleware
         for middleware in self._middleware:
-            handler = middleware.factory(handler, *middleware.args, **middleware.kwargs)
-        self._stack = handler
-        return handler
+            if all(handler is stack for handler in stacks.values()):
+                app = stack
+            else:
+                app = _next_for_each_event(dict(stacks), stack)
+            handler = middleware.factory(app, *middleware.args, **middleware.kwargs)
+            for kind in stacks:
+                if middleware.acts_on is None or issubclass(kind, middleware.acts_on):
+                    stacks[kind] = handler
+            stack = handler
+        self._stacks = stacks
+        self._stack = stack
+        return stack
 
     def _route(self, event: Event) -> Awaitable[Reply]:
         # Not a coroutine itself: the hooks' coroutine is what the middleware awaits.

@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from minismtp.app import LOCAL_ERROR, App, default_app
-from minismtp.events import Connect, Event, Handler, Helo, Rcpt
+from minismtp.events import Connect, Event, Handler, Helo, Mail, Rcpt
 from minismtp.ids import new_id
 from minismtp.protocol import Limits
 from minismtp.testing import TestClient
@@ -215,6 +215,69 @@ async def test_middleware_last_added_runs_first_and_the_stack_is_built_once() ->
     assert Recorder.built == 3
     with pytest.raises(RuntimeError, match="after the App has started"):
         app.add_middleware(Recorder, name="late", log=log)
+
+
+class RecordsRecipients(Recorder):
+    acts_on = (Rcpt,)
+
+
+class RecordsEnvelope(Recorder):
+    acts_on = (Mail, Rcpt)
+
+
+async def test_middleware_that_acts_on_some_events_is_passed_by_at_the_others() -> None:
+    app = App()
+    log: list[str] = []
+    app.add_middleware(Recorder, name="inner", log=log)
+    app.add_middleware(RecordsRecipients, name="rcpt", log=log)
+    app.add_middleware(RecordsEnvelope, name="envelope", log=log)
+    app.add_middleware(Recorder, name="outer", log=log)
+    app.on_mail(lambda tx, sender: log.append("mail hook"))
+    app.on_rcpt(lambda tx, rcpt: log.append("rcpt hook"))
+    app.on_data(lambda tx, data: log.append("data hook"))
+    everyone = ["outer", "inner", "/inner", "/outer"]
+
+    async def seen(command: str, content: bytes = b"") -> list[str]:
+        log.clear()
+        reply = await (client.data(content) if command == "DATA" else client.command(command))
+        assert reply.is_success, reply
+        return log[:]
+
+    async with TestClient(app) as client:
+        await client.connect()
+        assert log == everyone
+        assert await seen("EHLO c.example.org") == everyone
+        assert await seen("MAIL FROM:<a@example.org>") == [
+            "outer", "envelope", "inner", "mail hook", "/inner", "/envelope", "/outer"
+        ]  # fmt: skip
+        assert await seen("RCPT TO:<b@example.com>") == [
+            "outer", "envelope", "rcpt", "inner", "rcpt hook", "/inner", "/rcpt", "/envelope",
+            "/outer",
+        ]  # fmt: skip
+        assert await seen("DATA", BODY) == ["outer", "inner", "data hook", "/inner", "/outer"]
+    assert len(client.messages) == 1
+
+
+class Unknown(Event):
+    """An event class no stage has."""
+
+
+async def test_an_event_of_another_class_meets_every_middleware_then_a_type_error() -> None:
+    app = App()
+    log: list[str] = []
+    app.add_middleware(RecordsRecipients, name="rcpt", log=log)
+    session = Session(id=new_id(), hostname="mx", peer=("192.0.2.1", 1025), local=("::1", 25))
+    async with app.serving():
+        with pytest.raises(TypeError, match="not an event the App answers"):
+            await app.handle(Unknown(session), raise_exceptions=True)
+    assert log == ["rcpt"]
+
+
+@pytest.mark.parametrize("acts_on", [Rcpt, (), (Rcpt, str), [Mail]])
+async def test_a_malformed_acts_on_is_refused_when_the_middleware_is_added(acts_on: object) -> None:
+    malformed = type("Malformed", (Recorder,), {"acts_on": acts_on})
+    with pytest.raises(TypeError, match="acts_on must be a tuple of event classes"):
+        App().add_middleware(malformed, name="x", log=[])
 
 
 class DenyRecipients:

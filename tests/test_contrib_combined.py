@@ -15,8 +15,10 @@ from minismtp.contrib.early_talker import EarlyTalker
 from minismtp.contrib.greylist import Greylist
 from minismtp.contrib.ratelimit import ConnectionLimit
 from minismtp.contrib.size import MessageSizeLimit
+from minismtp.events import Connect, Data, Event, Helo, Mail, Rcpt
+from minismtp.ids import new_id
 from minismtp.testing import TestClient
-from minismtp.types import Reply
+from minismtp.types import Address, Reply, Session, Transaction
 
 pytestmark = pytest.mark.anyio
 
@@ -97,3 +99,42 @@ async def test_every_order_of_all_seven_middleware() -> None:
         # added before it.
         inside = stacked.index(5) < stacked.index(2)
         await dialogue(app, clock, inside)
+
+
+def events_from(peer: str) -> list[Event]:
+    """One event of each stage, each one that a middleware acting at it would refuse."""
+    session = Session(id=new_id(), hostname="mx", peer=(peer, 40000), local=("192.0.2.25", 25))
+    session.helo_name = "client.example.org"
+    sender = Address("a", "spam.example")
+    transaction = Transaction(session, sender, {"SIZE": str(LIMIT + 1)})
+    return [
+        Connect(session),
+        Helo(session, "client.example.org", True, ("SIZE 1000000",)),
+        Mail(session, transaction, sender, transaction.mail_params),
+        Rcpt(session, transaction, Address("b", "elsewhere.org"), {}),
+        Data(session, transaction, message(LIMIT + 100)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(7))
+async def test_each_middleware_passes_on_unchanged_the_events_it_does_not_act_on(
+    index: int,
+) -> None:
+    """``acts_on`` lets the App send the other events past a middleware: so each must pass
+    them on untouched, even those that would be refused at its own stages."""
+    cls, options = stack(FakeClock())[index]
+    inner = Reply(250, "2.0.0", "inner")
+    seen: list[Event] = []
+
+    async def app(event: Event) -> Reply:
+        seen.append(event)
+        return inner
+
+    middleware = cls(app, **options)
+    others = [e for e in events_from("203.0.113.9") if not isinstance(e, cls.acts_on)]
+    assert len(others) >= 2
+    for event in others:
+        extras = dict(event.session.extras)
+        assert await middleware(event) is inner
+        assert event.session.extras == extras
+    assert seen == others
