@@ -19,6 +19,9 @@ import time
 from collections import deque
 from typing import Any, TextIO
 
+# "000" to "999": indexing costs a fifth of formatting with ":03d", once per line.
+_MILLISECONDS = tuple(f"{ms:03d}" for ms in range(1000))
+
 
 class Formatter(logging.Formatter):
     """``<date> <LEVEL> <logger>: <message>``, the date formatted once per second.
@@ -50,9 +53,9 @@ class Formatter(logging.Formatter):
     def date(self, created: float, msecs: float) -> str:
         second = int(created)
         if second != self._second:
-            self._date = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
+            self._date = time.strftime("%Y-%m-%d %H:%M:%S,", self.converter(second))
             self._second = second
-        return f"{self._date},{int(msecs):03d}"
+        return self._date + _MILLISECONDS[int(msecs) % 1000]
 
 
 class BatchingHandler(logging.Handler):
