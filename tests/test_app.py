@@ -196,12 +196,17 @@ class Recorder:
         return reply
 
 
-async def test_middleware_last_added_runs_first_and_the_stack_is_built_once() -> None:
+def recorded(log: list[str], *layers: tuple[type[Recorder], str]) -> App:
+    """An App with these Recorders added in this order (so the last runs first)."""
     app = App()
+    for recorder, name in layers:
+        app.add_middleware(recorder, name=name, log=log)
+    return app
+
+
+async def test_middleware_last_added_runs_first_and_the_stack_is_built_once() -> None:
     log: list[str] = []
-    app.add_middleware(Recorder, name="first", log=log)
-    app.add_middleware(Recorder, name="second", log=log)
-    app.add_middleware(Recorder, name="third", log=log)
+    app = recorded(log, (Recorder, "first"), (Recorder, "second"), (Recorder, "third"))
 
     @app.on_connect
     def hook(session: Session) -> None:
@@ -226,12 +231,14 @@ class RecordsEnvelope(Recorder):
 
 
 async def test_middleware_that_acts_on_some_events_is_passed_by_at_the_others() -> None:
-    app = App()
     log: list[str] = []
-    app.add_middleware(Recorder, name="inner", log=log)
-    app.add_middleware(RecordsRecipients, name="rcpt", log=log)
-    app.add_middleware(RecordsEnvelope, name="envelope", log=log)
-    app.add_middleware(Recorder, name="outer", log=log)
+    app = recorded(
+        log,
+        (Recorder, "inner"),
+        (RecordsRecipients, "rcpt"),
+        (RecordsEnvelope, "envelope"),
+        (Recorder, "outer"),
+    )
     app.on_mail(lambda tx, sender: log.append("mail hook"))
     app.on_rcpt(lambda tx, rcpt: log.append("rcpt hook"))
     app.on_data(lambda tx, data: log.append("data hook"))
@@ -263,9 +270,8 @@ class Unknown(Event):
 
 
 async def test_an_event_of_another_class_meets_every_middleware_then_a_type_error() -> None:
-    app = App()
     log: list[str] = []
-    app.add_middleware(RecordsRecipients, name="rcpt", log=log)
+    app = recorded(log, (RecordsRecipients, "rcpt"))
     session = Session(id=new_id(), hostname="mx", peer=("192.0.2.1", 1025), local=("::1", 25))
     async with app.serving():
         with pytest.raises(TypeError, match="not an event the App answers"):
