@@ -17,7 +17,7 @@ from typing import Protocol
 
 import anyio
 import attrs
-from anyio.abc import ByteStream, SocketAttribute, SocketStream
+from anyio.abc import ByteStream, SocketStream
 from anyio.streams.buffered import BufferedByteStream
 from anyio.streams.tls import TLSAttribute
 
@@ -146,11 +146,6 @@ class TrioSocketWire:
             lowlevel.notify_closing,
             forget,
         )
-
-    @classmethod
-    def over(cls, stream: SocketStream, read_size: int) -> TrioSocketWire:
-        """Over the socket of anyio's stream (closing the wire closes the stream's socket)."""
-        return cls.over_socket(stream.extra(SocketAttribute.raw_socket), read_size)
 
     async def receive(self) -> bytes:
         if self._tls is not None:
