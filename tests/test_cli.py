@@ -19,7 +19,8 @@ from pathlib import Path
 
 import attrs
 import pytest
-from conftest import Certificates, issue_certificates
+
+from tests.helpers.certs import Certificates, issue_certificates
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = b"From: a@example.com\r\nSubject: cli\r\n\r\nThrough the command line.\r\n"

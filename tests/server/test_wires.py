@@ -14,10 +14,10 @@ import anyio
 import pytest
 from anyio.abc import ByteStream, SocketAttribute, SocketListener, SocketStream
 from anyio.streams.tls import TLSStream
-from conftest import Certificates
 
 from minismtp.tls import TLSConfig
 from minismtp.wires import StreamWire, TrioSocketWire, Wire
+from tests.helpers.certs import Certificates
 
 pytestmark = pytest.mark.anyio
 

@@ -10,12 +10,14 @@ from typing import Any
 import anyio
 import pytest
 from anyio.streams.tls import TLSStream
-from conftest import Certificates, Connect, FirstWritePrefixed, WireClient, with_uvloop
 
 from minismtp.app import App
 from minismtp.proxy import V2_SIGNATURE, parse_networks
 from minismtp.server import Server, ServerConfig
 from minismtp.types import Session
+from tests.helpers.backends import with_uvloop
+from tests.helpers.certs import Certificates
+from tests.helpers.clients import Connect, FirstWritePrefixed, WireClient
 
 pytestmark = pytest.mark.anyio
 

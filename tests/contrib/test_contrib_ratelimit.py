@@ -7,7 +7,6 @@ from typing import Any
 import anyio
 import attrs
 import pytest
-from conftest import Connect, WireClient
 
 from minismtp.app import App
 from minismtp.contrib.ratelimit import ConnectionLimit
@@ -15,6 +14,7 @@ from minismtp.events import Handler
 from minismtp.server import ServerConfig, serve
 from minismtp.testing import TestClient
 from minismtp.types import Reply
+from tests.helpers.clients import Connect, WireClient
 
 pytestmark = pytest.mark.anyio
 

@@ -14,8 +14,6 @@ import anyio.from_thread
 import anyio.lowlevel
 import attrs
 import pytest
-from conftest import drain, with_uvloop
-from engine_driver import drive
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_protocol_properties import LIMITS, check_replies, cut, smtpish
@@ -23,6 +21,9 @@ from test_protocol_properties import LIMITS, check_replies, cut, smtpish
 from minismtp.app import App
 from minismtp.server import ServerConfig, serve
 from minismtp.types import Address, Message, Transaction
+from tests.helpers.backends import with_uvloop
+from tests.helpers.clients import drain
+from tests.helpers.engine_driver import drive
 
 _QUEUED_AS = re.compile(rb"OK queued as [0-9A-F]+")
 

@@ -14,11 +14,12 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
-from conftest import Connect, WireClient, drain, with_uvloop
 
 from minismtp.app import App
 from minismtp.server import serve
 from minismtp.types import Address, Reply, Session, Transaction
+from tests.helpers.backends import with_uvloop
+from tests.helpers.clients import Connect, WireClient, drain
 
 pytestmark = pytest.mark.anyio
 

@@ -14,10 +14,10 @@ import time
 from typing import Any
 
 import pytest
-from conftest import with_uvloop
 
 from minismtp.app import App
 from minismtp.server import ServerConfig, serve
+from tests.helpers.backends import with_uvloop
 
 pytestmark = pytest.mark.anyio
 

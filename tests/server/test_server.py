@@ -11,7 +11,6 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import Connect, WireClient, drain, with_uvloop
 
 from minismtp.app import App
 from minismtp.asyncio_wire import ProtocolWire
@@ -19,6 +18,8 @@ from minismtp.events import Event, Mail
 from minismtp.server import Server, ServerConfig, SmtpServer, serve
 from minismtp.types import Address, Message, Reply, Session, Transaction
 from minismtp.wires import StreamWire, TrioSocketWire
+from tests.helpers.backends import with_uvloop
+from tests.helpers.clients import Connect, WireClient, drain
 
 pytestmark = pytest.mark.anyio
 

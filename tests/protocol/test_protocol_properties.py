@@ -7,13 +7,13 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from engine_driver import drive
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minismtp import protocol
 from minismtp.events import Data, Event, Helo, Mail, Rcpt
 from minismtp.protocol import Limits
+from tests.helpers.engine_driver import drive
 
 
 @pytest.fixture(scope="module", autouse=True, params=["small reads whole", "every read split"])

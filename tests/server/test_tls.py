@@ -11,12 +11,14 @@ from typing import Any
 import anyio
 import pytest
 import trustme
-from conftest import Certificates, Connect, WireClient, drain, issue_certificates, with_uvloop
 
 from minismtp.app import App
 from minismtp.server import Server, serve
 from minismtp.tls import TLSConfig
 from minismtp.types import Address, Reply, Session, TLSInfo, Transaction
+from tests.helpers.backends import with_uvloop
+from tests.helpers.certs import Certificates, issue_certificates
+from tests.helpers.clients import Connect, WireClient, drain
 
 pytestmark = pytest.mark.anyio
 

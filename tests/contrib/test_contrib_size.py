@@ -8,13 +8,13 @@ from collections.abc import Iterator
 
 import anyio
 import pytest
-from conftest import Connect, WireClient
 
 from minismtp.app import App
 from minismtp.contrib.size import MessageSizeLimit
 from minismtp.server import ServerConfig, serve
 from minismtp.testing import TestClient
 from minismtp.types import Reply
+from tests.helpers.clients import Connect, WireClient
 
 pytestmark = pytest.mark.anyio
 

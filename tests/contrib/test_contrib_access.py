@@ -6,13 +6,13 @@ import smtplib
 
 import anyio
 import pytest
-from conftest import Connect
 
 from minismtp.app import App
 from minismtp.contrib.access import ClientAccess
 from minismtp.server import serve
 from minismtp.testing import TestClient
 from minismtp.types import Reply, Session
+from tests.helpers.clients import Connect
 
 pytestmark = pytest.mark.anyio
 

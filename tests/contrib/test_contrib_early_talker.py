@@ -7,13 +7,13 @@ from contextlib import AbstractAsyncContextManager
 
 import anyio
 import pytest
-from conftest import Connect
 
 from minismtp.app import App
 from minismtp.contrib.access import ClientAccess
 from minismtp.contrib.early_talker import EarlyTalker
 from minismtp.server import Server, ServerConfig, serve
 from minismtp.types import Session
+from tests.helpers.clients import Connect
 
 pytestmark = pytest.mark.anyio
 

@@ -7,11 +7,11 @@ greeting, its code and (except for 354) its enhanced status code (RFC 3463, RFC 
 from __future__ import annotations
 
 import pytest
-from engine_driver import drive
 
 from minismtp.events import Event, Mail, Rcpt
 from minismtp.protocol import Limits
 from minismtp.types import Reply
+from tests.helpers.engine_driver import drive
 
 E = b"EHLO client.example\r\n"
 M = b"MAIL FROM:<a@example.org>\r\n"

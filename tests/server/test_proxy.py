@@ -16,7 +16,6 @@ import pytest
 from anyio.abc import ByteStream, SocketAttribute
 from anyio.streams.buffered import BufferedByteStream
 from anyio.streams.tls import TLSStream
-from conftest import FirstWritePrefixed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -37,6 +36,7 @@ from minismtp.proxy import (
     parse_networks,
     read_proxy_header,
 )
+from tests.helpers.clients import FirstWritePrefixed
 
 SMTP = b"EHLO client.example\r\n"
 

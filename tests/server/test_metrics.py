@@ -10,9 +10,10 @@ import socket
 
 import anyio
 import pytest
-from conftest import Certificates, WireClient
 
 from minismtp.metrics import CONTENT_TYPE, MAX_REQUEST_HEAD, Metrics, http_response, serve_metrics
+from tests.helpers.certs import Certificates
+from tests.helpers.clients import WireClient
 
 # --- a small strict checker of the text exposition format 0.0.4 -----------------------------
 

@@ -1,0 +1,1 @@
+"""What several test modules share: clients, certificates, backends, the engine driver."""
