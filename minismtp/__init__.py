@@ -6,11 +6,13 @@ The public API lives here; everything else is in modules named for what they hol
 """
 
 from minismtp.app import App
-from minismtp.events import Connect, Data, Event, Handler, Helo, Mail, Rcpt
-from minismtp.maildir import Maildir
+from minismtp.events import Connect, Data, DataChunk, Event, Handler, Helo, Mail, Rcpt
+from minismtp.message import Message
 from minismtp.protocol import Limits
 from minismtp.server import Server, SmtpServer, serve
-from minismtp.types import Address, Message, Reply, Session, TLSInfo, Transaction
+from minismtp.stores import Store
+from minismtp.stores.maildir import Maildir
+from minismtp.types import Address, Reply, Session, TLSInfo, Transaction
 
 __version__ = "0.1.0"
 
@@ -19,6 +21,7 @@ __all__ = [
     "App",
     "Connect",
     "Data",
+    "DataChunk",
     "Event",
     "Handler",
     "Helo",
@@ -31,6 +34,7 @@ __all__ = [
     "Server",
     "Session",
     "SmtpServer",
+    "Store",
     "TLSInfo",
     "Transaction",
     "__version__",

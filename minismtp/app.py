@@ -2,9 +2,11 @@
 
 An :class:`App` is a handler, ``async (event) -> Reply``. Calling it runs the middleware stack
 (the last added runs first, as in Starlette), then the router, which calls the hooks of the
-event's stage; for a :class:`~minismtp.events.Data` event the terminal handler then builds the
-:class:`~minismtp.types.Message`, hands it over (the channel, or a Maildir) and only then
-answers ``250 2.0.0 OK queued as <id>``.
+event's stage. The terminal handler writes each :class:`~minismtp.events.DataChunk` into the
+transaction's :class:`~minismtp.message.Message` (made at the first chunk, our ``Received:``
+header first, in a spool: memory, then a file); at the :class:`~minismtp.events.Data` event it
+hands the message over (a store, or the channel) and only then answers
+``250 2.0.0 OK queued as <id>``.
 """
 
 from __future__ import annotations
@@ -17,19 +19,24 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
 import anyio
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from minismtp.events import Connect, Data, Event, Handler, Helo, Mail, Rcpt
+from minismtp import spool
+from minismtp.events import Connect, Data, DataChunk, Event, Handler, Helo, Mail, Piece, Rcpt
 from minismtp.ids import new_id
-from minismtp.maildir import Maildir
+from minismtp.message import Message
 from minismtp.metrics import Metrics
 from minismtp.protocol import Limits
 from minismtp.received import received_header
-from minismtp.types import Address, Message, Reply, Session, Transaction, queued_reply
+from minismtp.spool import Spool
+from minismtp.stores import Store
+from minismtp.stores.maildir import Maildir
+from minismtp.types import Address, Reply, Session, Transaction, queued_reply
 
 logger = logging.getLogger("minismtp.app")
 
@@ -38,13 +45,17 @@ logger = logging.getLogger("minismtp.app")
 LOCAL_ERROR = Reply(451, "4.3.0", "Requested action aborted: local error in processing")
 MAIL_OK = Reply(250, "2.1.0", "OK")
 RCPT_OK = Reply(250, "2.1.5", "OK")
+CHUNK_OK = Reply(250, "2.0.0", "OK")  # a DataChunk taken: the engine sends nothing for it
+#: The answer when a chunk cannot be spooled (a full disk): the client keeps the message.
+INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
 
 HookResult = Reply | Awaitable[Reply | None] | None
 ConnectHook = Callable[[Session], HookResult]
 HeloHook = Callable[[Session, str], HookResult]
 MailHook = Callable[[Transaction, Address], HookResult]
 RcptHook = Callable[[Transaction, Address], HookResult]
-DataHook = Callable[[Transaction, bytes], HookResult]
+DataChunkHook = Callable[[Transaction, Piece], HookResult]
+DataHook = Callable[[Transaction, Message], HookResult]
 MessageHook = Callable[[Message], Awaitable[None] | None]
 LifespanHook = Callable[[], Awaitable[None] | None]
 
@@ -52,6 +63,7 @@ ConnectHookT = TypeVar("ConnectHookT", bound=ConnectHook)
 HeloHookT = TypeVar("HeloHookT", bound=HeloHook)
 MailHookT = TypeVar("MailHookT", bound=MailHook)
 RcptHookT = TypeVar("RcptHookT", bound=RcptHook)
+DataChunkHookT = TypeVar("DataChunkHookT", bound=DataChunkHook)
 DataHookT = TypeVar("DataHookT", bound=DataHook)
 MessageHookT = TypeVar("MessageHookT", bound=MessageHook)
 LifespanHookT = TypeVar("LifespanHookT", bound=LifespanHook)
@@ -121,10 +133,14 @@ async def _call_lifespan_hooks(hooks: list[LifespanHook]) -> None:
 class App:
     """An SMTP application: ``App(hostname="mx.example.com")``.
 
-    ``maildir`` stores every accepted message durably in that Maildir before the ``250``
-    (and passes it to ``on_message`` consumers too, if there are any); without it messages go
-    on the unbounded channel whose receiving end is :attr:`messages`. ``limits`` (or the
-    shortcuts ``max_size`` and ``max_recipients``) are what the server enforces per session.
+    ``store`` (a :class:`~minismtp.stores.Store`) keeps every accepted message durably before
+    the ``250`` (and passes it to ``on_message`` consumers too, if there are any);
+    ``maildir=path`` is short for ``store=Maildir(path)``. Without a store, messages go on the
+    unbounded channel whose receiving end is :attr:`messages`. ``limits`` (or the shortcuts
+    ``max_size``, ``max_recipients`` and ``spool_memory``) are what the server enforces per
+    session. A message's content stays in memory up to ``limits.spool_memory`` octets, then
+    goes to a file: in the store's ``spool_dir`` (a Maildir's ``tmp/``), else in
+    ``spool_dir`` (default: the system's temporary directory).
     """
 
     # A hand-written __init__: the limit shortcuts and the precomputed replies do not fit
@@ -135,23 +151,32 @@ class App:
         maildir: str | os.PathLike[str] | Maildir | None = None,
         limits: Limits | None = None,
         *,
+        store: Store | None = None,
+        spool_dir: str | os.PathLike[str] | None = None,
         max_size: int | None = None,
         max_recipients: int | None = None,
+        spool_memory: int | None = None,
     ) -> None:
         limits = limits or Limits()
         if max_size is not None:
             limits = attrs.evolve(limits, max_message_size=max_size)
         if max_recipients is not None:
             limits = attrs.evolve(limits, max_recipients=max_recipients)
+        if spool_memory is not None:
+            limits = attrs.evolve(limits, spool_memory=spool_memory)
         self.limits = limits
-        if maildir is not None and not isinstance(maildir, Maildir):
-            maildir = Maildir(maildir)
-        self.maildir: Maildir | None = maildir
+        if maildir is not None:
+            if store is not None:
+                raise ValueError("give a store or a maildir, not both")
+            store = maildir if isinstance(maildir, Maildir) else Maildir(maildir)
+        self.store: Store | None = store
+        self.spool_dir = Path(spool_dir) if spool_dir is not None else None
         self.hostname = hostname
         self._connect_hooks: list[ConnectHook] = []
         self._helo_hooks: list[HeloHook] = []
         self._mail_hooks: list[MailHook] = []
         self._rcpt_hooks: list[RcptHook] = []
+        self._data_chunk_hooks: list[DataChunkHook] = []
         self._data_hooks: list[DataHook] = []
         self._message_hooks: list[MessageHook] = []
         self._startup_hooks: list[LifespanHook] = []
@@ -165,6 +190,7 @@ class App:
             Helo: self._on_helo,
             Mail: self._on_mail,
             Rcpt: self._on_rcpt,
+            DataChunk: self._on_data_chunk,
             Data: self._on_data,
         }
         self._send: MemoryObjectSendStream[Message]
@@ -177,6 +203,11 @@ class App:
         self._watchers: dict[Session, Callable[[Message], None]] = {}
 
     # -- configuration ------------------------------------------------------------------------
+
+    @property
+    def maildir(self) -> Maildir | None:
+        """The store, when it is a Maildir."""
+        return self.store if isinstance(self.store, Maildir) else None
 
     @property
     def hostname(self) -> str:
@@ -227,10 +258,22 @@ class App:
         self._rcpt_hooks.append(hook)
         return hook
 
-    def on_data(self, hook: DataHookT) -> DataHookT:
-        """``hook(transaction, data)`` with the whole message, before it is accepted.
+    def on_data_chunk(self, hook: DataChunkHookT) -> DataChunkHookT:
+        """``hook(transaction, chunk)`` for each piece of content as it streams in.
 
-        A Reply answers instead of the hand-over: a refusal, or a 2xx to accept and discard.
+        ``chunk`` is bytes or a memoryview of at most 256 KiB (dot-unstuffed, CRLF line
+        ends). A Reply other than 2xx refuses the message: the rest of the content is read
+        and dropped, and the client gets that reply at the end of the data.
+        """
+        self._data_chunk_hooks.append(hook)
+        return hook
+
+    def on_data(self, hook: DataHookT) -> DataHookT:
+        """``hook(transaction, message)`` with the whole message, before it is accepted.
+
+        ``message`` is the :class:`~minismtp.message.Message` in its spool: ``headers``,
+        ``open()``, ``chunks()``, ``data`` (which loads it). A Reply answers instead of the
+        hand-over: a refusal, or a 2xx to accept and discard.
         """
         self._data_hooks.append(hook)
         return hook
@@ -341,44 +384,68 @@ class App:
                 return reply
         return RCPT_OK
 
-    async def _on_data(self, event: Data) -> Reply:
-        for hook in self._data_hooks:
-            result = hook(event.transaction, event.data)
+    async def _on_data_chunk(self, event: DataChunk) -> Reply:
+        transaction = event.transaction
+        chunk = event.chunk
+        for hook in self._data_chunk_hooks:
+            result = hook(transaction, chunk)
             if result is not None and (reply := await _resolve(result)) is not None:
                 return reply
-        return await self._accept(event)
+        message = transaction.message
+        try:
+            if message is None:
+                message = transaction.message = self.build_message(event.session, transaction)
+            message.write(chunk)
+        except OSError as exc:
+            # A full disk: the client keeps the message and tries again later; the spool is
+            # closed already, and the session goes on.
+            logger.error("could not spool a message from %s: %s", event.session.peer_host, exc)
+            return INSUFFICIENT_STORAGE
+        return CHUNK_OK
+
+    async def _on_data(self, event: Data) -> Reply:
+        message = event.message
+        for hook in self._data_hooks:
+            result = hook(event.transaction, message)
+            if result is not None and (reply := await _resolve(result)) is not None:
+                return reply
+        return await self._accept(event, message)
 
     # -- the terminal handler -----------------------------------------------------------------
 
-    def build_message(self, event: Data) -> Message:
-        """The Message for ``event``: a new id and our ``Received:`` header (RFC 5321 4.4)."""
-        session = event.session
-        transaction = event.transaction
+    def build_message(self, session: Session, transaction: Transaction) -> Message:
+        """A new Message for ``transaction``'s content: a new id, and our ``Received:``
+        header (RFC 5321 4.4) first in its spool."""
         message_id = new_id()
         now = time.time()
         trace = received_header(session, transaction, message_id, by=self._hostname, when=now)
-        # Positional: with keywords, attrs' __init__ of eleven fields costs twice as much.
+        store = self.store
+        directory = store.spool_dir if store is not None else None
+        body = Spool(directory or self.spool_dir, self.limits.spool_memory, directory is None)
+        body.write(trace)
+        # Positional: with keywords, attrs' __init__ of many fields costs twice as much.
         return Message(
             message_id,  # id
             transaction.mail_from,
             tuple(transaction.rcpt_to),
-            event.prefixed(trace),  # data: one copy of the content, not two
             session.peer,
             session.helo_name,
             session.tls,
             now,  # received_at
             transaction.mail_params,
             tuple(transaction.rcpt_params),
+            body,
             len(trace),  # trace_length
         )
 
-    async def _accept(self, event: Data) -> Reply:
-        message = self.build_message(event)
+    async def _accept(self, event: Data, message: Message) -> Reply:
+        store = self.store
         try:
-            if self.maildir is None:
+            if store is None:
+                message.spool.finish()  # joined now, not when read: the reads it came in go
                 self._send.send_nowait(message)  # the usual hand-over: no coroutine for it
             else:
-                await self._store(message)
+                await self._store(store, message)
         except (OSError, anyio.ClosedResourceError, anyio.BrokenResourceError):
             logger.exception("could not hand over message %s; answered 451", message.id)
             return LOCAL_ERROR
@@ -400,9 +467,8 @@ class App:
             )
         return queued_reply(message.id)
 
-    async def _store(self, message: Message) -> None:
-        assert self.maildir is not None
-        await self.maildir.put(message.data)
+    async def _store(self, store: Store, message: Message) -> None:
+        await store.put(message)
         if self._message_hooks:
             try:
                 self._send.send_nowait(message)
@@ -436,8 +502,7 @@ class App:
         try:
             if self._channel_closed:
                 self._open_channel()
-            if self.maildir is not None:
-                await self.maildir.open()
+            await self._open_storage()
             await _call_lifespan_hooks(self._startup_hooks)
             consumer_errors: list[Exception] = []
             body_error: Exception | None = None
@@ -456,11 +521,25 @@ class App:
                 if body_error is not None:
                     raise body_error
             finally:
-                await _call_lifespan_hooks(self._shutdown_hooks)
+                try:
+                    await _call_lifespan_hooks(self._shutdown_hooks)
+                finally:
+                    if self.store is not None:
+                        await self.store.close()
             if consumer_errors:
                 raise consumer_errors[0]
         finally:
             self._serving = False
+
+    async def _open_storage(self) -> None:
+        """Open the store; clean the spool directory of files that processes no longer
+        running left there (a crash, a kill)."""
+        store = self.store
+        if store is not None:
+            await store.open()
+        if store is None or store.spool_dir is None:
+            directory = self.spool_dir or spool.default_directory()
+            await anyio.to_thread.run_sync(spool.clean_directory, directory)
 
     async def _consume(self, raise_exceptions: bool, errors: list[Exception]) -> None:
         receive = self._receive

@@ -2,9 +2,16 @@
 
 Like h11, the engine does no I/O. The caller feeds it what the client sent with
 :meth:`Engine.receive_data`, asks :meth:`Engine.next_event` what to do next, answers the
-App events (Connect, Helo, Mail, Rcpt, Data) with :meth:`Engine.respond`, and writes out
-:meth:`Engine.data_to_send`. Everything the RFCs decide without the App -- syntax, command
-sequence, limits, dot-stuffing, the end of data -- is decided here.
+App events (Connect, Helo, Mail, Rcpt, DataChunk, Data) with :meth:`Engine.respond`, and
+writes out :meth:`Engine.data_to_send`. Everything the RFCs decide without the App -- syntax,
+command sequence, limits, dot-stuffing, the end of data -- is decided here; the content
+readers (DATA's dot reader, BDAT's chunk reader) are in :mod:`minismtp.content`.
+
+Content streams: as a reader settles it, the engine hands it on in ``DataChunk`` events of at
+most :data:`MAX_CHUNK` octets, then asks about the whole message with ``Data``. A refused
+chunk refuses the content: the rest is read and dropped, and the refusal answers the end of
+data. Every transaction ends in :meth:`Engine._reset_transaction`, which also closes the
+message spooled for it unless the App handed it over.
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ import re
 
 import attrs
 
-from minismtp.events import Connect, Data, Event, Helo, Mail, Rcpt
+from minismtp.content import TOO_BIG, ChunkReader, DotReader, Piece
+from minismtp.events import Connect, Data, DataChunk, Event, Helo, Mail, Rcpt
 from minismtp.paths import (
     ParameterError,
     PathError,
@@ -38,6 +46,8 @@ class Limits:
     max_errors: int = 20  # bad commands before 421 and close
     max_junk_commands: int = 100  # NOOP, RSET, VRFY, EXPN, HELP without a message in between
     accept_bare_line_endings: bool = False  # True: normalise bare CR/LF to CRLF, not 550
+    # Octets of a message's content the App keeps in memory; past it, the spool is a file.
+    spool_memory: int = 256 * 1024
 
 
 class NeedData:
@@ -69,13 +79,18 @@ class _State(enum.Enum):
     COMMAND = "command"
     DATA = "data"  # reading dot-terminated content
     BDAT = "bdat"  # reading a counted chunk
+    ENDING = "ending"  # the content is complete: its last chunks, then Data
     TLS = "tls"  # waiting for the handshake
     CLOSED = "closed"
 
 
 # The states read on every command and read, as plain globals: an Enum member lookup costs
 # several times a global's.
-_COMMAND, _DATA, _BDAT = _State.COMMAND, _State.DATA, _State.BDAT
+_COMMAND, _DATA, _BDAT, _ENDING = _State.COMMAND, _State.DATA, _State.BDAT, _State.ENDING
+
+#: The largest DataChunk the engine hands on: a larger settled piece (a large read, fed whole)
+#: goes out as views of it, so that a spool writes and a hook scans bounded pieces.
+MAX_CHUNK = 256 * 1024
 
 
 def _r(code: int, status: str | None, text: str) -> bytes:
@@ -112,58 +127,13 @@ TLS_REQUIRED = _r(530, "5.7.0", "Must issue a STARTTLS command first")
 NEED_SMTPUTF8 = _r(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
 PARAMS_NEED_EHLO = _r(555, "5.5.4", "Parameters need EHLO")
 TOO_MANY_RECIPIENTS = _r(452, "4.5.3", "Too many recipients")
-TOO_BIG = _r(552, "5.3.4", "Message size exceeds fixed maximum message size")
-TEXT_LINE_TOO_LONG = _r(500, "5.5.2", "Message line too long")
-BARE_LINE_END_IN_DATA = _r(550, "5.5.2", "Message contains bare CR or LF")
 TOO_MANY_ERRORS = _r(421, "4.7.0", "Too many errors, closing connection")
 TOO_MANY_JUNK = _r(421, "4.7.0", "Too many commands without a message, closing connection")
 
 _HTTP_PROBES = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"CONNECT ", b"OPTIONS ", b"DELETE ")
 _HEADER_NAME = re.compile(rb"[A-Za-z][A-Za-z0-9-]*:")
-_BARE_LINE_END = re.compile(rb"\r\n|\r|\n")
-# A CR not followed by LF; an LF not preceded by CR; an LF that is bare or starts a line with
-# a dot (stuffed, or the end of data). Each pattern starts with one literal octet, which the
-# re module finds with a tight scan in C; only where it finds one does it look around. That
-# costs about half of counting CRLF, CR and LF on 80-octet lines, but more on short ones (a
-# message of empty lines about 9 ms/MB, five times the counts).
-_BARE_CR = re.compile(rb"\r(?!\n)")
-_BARE_LF = re.compile(rb"\n(?<!\r\n)")
-_DOT_LINE_OR_BARE_LF = re.compile(rb"\n(?:\.|(?<!\r\n))")
-# The re module also finds these literals faster than bytes.find() and bytes.replace() do
-# (0.3 against 0.44 ms/MB for the end of data; 0.8 against 1.2 to unstuff every line).
-_END_OF_DATA = re.compile(rb"\r\n\.\r\n")
-_UNSTUFF = re.compile(rb"\r\n\.")  # a CRLF-dot line start loses its dot
-_CRLF = b"\r\n"
 # Octets as ints: "13 in line" is a memchr, while b"\r" in line costs ten times as much.
 _CR, _LF = ord("\r"), ord("\n")
-# Below this, a read is joined to the tail and scanned as one: copying a few KB costs less
-# than settling its first line apart (about 1.5 µs of Python per read).
-_SMALL_READ = 16 * 1024
-
-
-def _has_bare_line_end(text: bytes) -> bool:
-    """Whether ``text`` holds a CR or LF outside a CRLF (most texts: none at all, two memchr)."""
-    return (_CR in text or _LF in text) and (
-        _BARE_CR.search(text) is not None or _BARE_LF.search(text) is not None
-    )
-
-
-def _pieces_have_bare_line_end(pieces: list[bytes | memoryview]) -> bool:
-    """Whether the pieces joined hold a CR or LF outside a CRLF, without joining them: a
-    CRLF may be split between two pieces."""
-    after_cr = False  # the last piece ended with a CR
-    for piece in pieces:
-        if not piece:
-            continue
-        if after_cr != (piece[0] == _LF):  # a CR without its LF, or an LF without its CR
-            return True
-        cr = _BARE_CR.search(piece)
-        if cr is not None and cr.start() != len(piece) - 1:  # a CR at the end may be a CRLF's
-            return True
-        if _BARE_LF.search(piece, 1):  # the LF at 0 was checked against the last piece
-            return True
-        after_cr = piece[-1] == _CR
-    return after_cr
 
 
 def _reply_with_status(reply: Reply) -> bytes:
@@ -222,16 +192,11 @@ class Engine:
         self._errors = 0
         self._junk = 0
         self._skipping_line = False  # inside a command line over the limit
-        # Message content, DATA or BDAT: kept as a list of settled (unstuffed) pieces, so a
-        # large message is copied once more only, by the final join.
-        self._parts: list[bytes | memoryview] = []
-        self._size = 0  # octets of content kept so far
-        self._content_failure: bytes | None = None  # the reply once content is refused
+        # Message content, DATA or BDAT: its reader (minismtp.content), and how many
+        # DataChunk events it gave.
+        self._content: DotReader | ChunkReader | None = None
+        self._chunks = 0
         self._incoming: list[bytes] = []  # reads not yet looked at, while in DATA
-        self._tail = b""  # DATA bytes not yet settled: from the last CRLF on
-        self._skip = 0  # octets of the CRLF put before the content still to strip
-        self._bdat_remaining = 0
-        self._bdat_last = False
         self._chunking = False  # this transaction has used BDAT
 
     # -- the caller's side ------------------------------------------------------------------
@@ -249,8 +214,8 @@ class Engine:
     @property
     def buffered(self) -> int:
         """Bytes of the client's held by the engine; bounded by the limits, whatever arrives."""
-        held = len(self._buf) - self._pos + len(self._tail) + self._size
-        return held + sum(map(len, self._incoming))
+        held = len(self._buf) - self._pos + sum(map(len, self._incoming))
+        return held + (self._content.held if self._content is not None else 0)
 
     @property
     def closed(self) -> bool:
@@ -290,6 +255,8 @@ class Engine:
                 result = self._receive_dotted()
             elif state is _BDAT:
                 result = self._receive_chunk()
+            elif state is _ENDING:
+                result = self._end_content()
             elif state is _State.CLOSED:
                 return _CLOSED
             elif state is _State.CONNECT:
@@ -308,7 +275,11 @@ class Engine:
         if event is None:
             raise RuntimeError("no event is waiting for a reply")
         accepted = 200 <= reply.code < 300
-        if isinstance(event, Rcpt):
+        if isinstance(event, DataChunk):
+            if not accepted:
+                # Answered at the end of the content, as the engine's own refusals are.
+                self._refuse_content(_reply_with_status(reply))
+        elif isinstance(event, Rcpt):
             self._out.append(_reply_with_status(reply))
             if accepted:
                 event.transaction.rcpt_to.append(event.address)
@@ -430,11 +401,13 @@ class Engine:
         if transaction is not None:
             transaction.reply_code = reply_code
             self.finished.append(transaction)
+            message = transaction.message
+            if message is not None and transaction.message_id is None:
+                message.close()  # the one place that lets go of a message not handed over
         self.transaction = None
         self._chunking = False
-        self._parts = []
-        self._size = 0
-        self._content_failure = None
+        self._content = None
+        self._chunks = 0
 
     def _text(self, arg: bytes) -> str | None:
         try:
@@ -542,10 +515,10 @@ class Engine:
         if not transaction.rcpt_to:
             return self._error(NEED_RCPT)
         self._reply(DATA_GO_AHEAD)
-        # The content is searched as if preceded by a CRLF, so that an empty message (a lone
-        # "." line) and a first line starting with a dot need no special case.
-        self._tail = b"\r\n"
-        self._skip = 2
+        limits = self.limits
+        self._content = DotReader(
+            transaction.max_size, limits.max_text_line, limits.accept_bare_line_endings
+        )
         self._state = _State.DATA  # what follows DATA in the command buffer is content now
         return None
 
@@ -553,16 +526,20 @@ class Engine:
         size, _, last = arg.partition(b" ")
         if not size.isdigit() or len(size) > 20 or last.upper() not in (b"", b"LAST"):
             return self._error(BDAT_SYNTAX)
-        self._bdat_remaining = int(size)
-        self._bdat_last = bool(last)
         # RFC 3030 3: a chunk is read in full even when it is refused.
         transaction = self.transaction
-        if transaction is None:
-            self._content_failure = NEED_MAIL
-        elif not transaction.rcpt_to:
-            self._content_failure = NEED_RCPT
-        else:
-            self._chunking = True
+        reader = self._content
+        if not isinstance(reader, ChunkReader) or transaction is None or not transaction.rcpt_to:
+            reader = self._content = ChunkReader(
+                transaction.max_size if transaction else 0, self.limits.accept_bare_line_endings
+            )
+            if transaction is None:
+                reader.failure = NEED_MAIL
+            elif not transaction.rcpt_to:
+                reader.failure = NEED_RCPT
+            else:
+                self._chunking = True
+        reader.start(int(size), bool(last))
         self._state = _State.BDAT
         return None
 
@@ -613,13 +590,11 @@ class Engine:
     # -- message content --------------------------------------------------------------------
 
     def _receive_dotted(self) -> Event | NeedData | Closed | None:
-        """DATA content: each read is scanned a few times in C, whole, never line by line.
-
-        A read is settled up to its last CRLF; the rest, from that CRLF on, waits in the tail.
-        The next read's first line is joined to the tail (a copy of a line, not of the read),
-        so that an end of data, a stuffed dot or a CRLF split between two reads is seen
-        whole there; the rest of the read is settled where it lies.
-        """
+        """DATA content, through the dot reader (:mod:`minismtp.content`)."""
+        reader = self._content
+        assert isinstance(reader, DotReader)
+        if reader.pieces:
+            return self._data_chunk(reader.pieces)
         incoming = self._incoming
         data, start = self._buf, self._pos
         if start < len(data):  # sent right after DATA, in the read that carried it
@@ -631,178 +606,95 @@ class Engine:
         else:
             return self._lost() if self._eof else NEED_DATA
         incoming.clear()
-        if len(data) - start < _SMALL_READ or (first := data.find(_CRLF, start) + 2) == 1:
-            # A small read (a message of a few KB), or one long line: joined to the tail whole.
-            ended = self._take(b"".join((self._tail, memoryview(data)[start:])), 0)
-        else:
-            ended = self._take(b"".join((self._tail, memoryview(data)[start:first])), 0)
-            if ended:  # the read's first line ended the data: commands follow, in place
-                self._resume_commands(data, first)
-            else:  # the head ended with the read's first CRLF: the rest starts there
-                ended = self._take(data, first - 2)
-        if ended:
-            return self._finish_content()
-        self._bound_tail()
+        where = reader.feed(data, start)
+        if reader.failure is not None:
+            self._release_message()
+        if where is not None:  # the end of data: the commands after it, parsed where they lie
+            self._resume_commands(*where)
+            self._state = _ENDING
         return None
 
-    def _take(self, segment: bytes, start: int) -> bool:
-        """Settle ``segment[start:]``, which starts with a CRLF, up to its last CRLF (the new
-        tail starts there); True: up to the end of data instead (the rest is for the command
-        parser)."""
-        cut = segment.rfind(_CRLF, start)
-        # Most reads of most messages have no line that starts with a dot, and then there is
-        # nothing to unstuff and no end of data: the scan for bare LFs tells on the way.
-        found = _DOT_LINE_OR_BARE_LF.search(segment, start, cut)
-        if found is None:
-            self._settle(segment, start, cut, cut + 2, dots=False, bare_lf=False)
-            self._tail = segment[cut:]
-            return False
-        odd = found.start()
-        bare_lf = found.end() - odd == 1
-        end = _END_OF_DATA.search(segment, odd - 1, cut + 2)
-        if end is None:
-            self._settle(segment, start, cut, cut + 2, dots=True, bare_lf=bare_lf)
-            self._tail = segment[cut:]
-            return False
-        content_end = end.start() + 2  # up to the CRLF before the dot
-        # The LFs before the first dot line were checked on the way to it: when that line is
-        # the end of data, there is nothing to unstuff, and no bare LF.
-        dots = end.start() + 1 != odd
-        self._settle(segment, start, content_end, content_end, dots=dots, bare_lf=bare_lf)
-        rest = end.end()
-        self._tail = b""
-        self._state = _State.COMMAND
-        self._resume_commands(segment, rest)  # the commands after it, parsed where they lie
-        return True
+    def _receive_chunk(self) -> Event | NeedData | Closed | None:
+        """A BDAT chunk, through the chunk reader: exactly the announced number of octets."""
+        reader = self._content
+        assert isinstance(reader, ChunkReader)
+        if reader.pieces:
+            return self._data_chunk(reader.pieces)
+        if reader.remaining:
+            buf, pos = self._buf, self._pos
+            if pos < len(buf):
+                self._resume_commands(buf, reader.feed(buf, pos))
+                if reader.failure is not None:
+                    self._release_message()
+                return None
+            return self._lost() if self._eof else NEED_DATA
+        self._state = _COMMAND
+        failure = reader.failure
+        if failure is NEED_MAIL or failure is NEED_RCPT:
+            self._content = None
+            return self._error(failure)
+        if failure is None and not reader.last:
+            self._reply(_r(250, "2.0.0", f"{reader.size} octets received"))
+            return None
+        return self._finish_content()
 
-    def _bound_tail(self) -> None:
-        """A line that does not end must not be held whole: past the limits it refuses the
-        message, and only what an end of data could still start with is kept of it."""
-        tail = self._tail
-        max_line = self.limits.max_text_line
-        if len(tail) <= max_line + 4:  # the usual case: a line's start (or the end's: CRLF ".")
-            return
-        if self._content_failure is None:
-            transaction = self.transaction
-            assert transaction is not None
-            line_start = max(tail.rfind(b"\n", 2) + 1, 2)  # past a bare LF, when normalising
-            if max_line and len(tail) - line_start > max_line:
-                self._refuse_content(TEXT_LINE_TOO_LONG)
-            elif self._size + len(tail) > transaction.max_size + 3:  # 3: CRLF, stuffed dot
-                self._refuse_content(TOO_BIG)
-            else:
-                return
-        # A line has begun (not a dot line, not the end of data); a CR may be half a CRLF.
-        self._tail = b"\r\nx\r" if tail.endswith(b"\r") else b"\r\nx"
-
-    def _settle(
-        self, segment: bytes, start: int, cut: int, lines_end: int, *, dots: bool, bare_lf: bool
-    ) -> None:
-        """Check, unstuff and keep ``segment[start:cut]``, which starts with a CRLF.
-
-        Its lines are complete up to ``lines_end`` (``cut + 2``: the CRLF at ``cut`` ends the
-        last one); ``dots``: some line in it may start with a dot, and its LFs are not all
-        checked yet; ``bare_lf``: it has a bare LF.
-        """
-        if cut <= start:
-            return
-        skip = start + self._skip
-        self._skip = 0
-        if self._content_failure is not None:
-            return
-        max_line = self.limits.max_text_line
-        if max_line:
-            # Jump from line end to line end a line's maximum at a time: a few Python steps
-            # per kilobyte, whatever the lines are. Once less than that is left, the rest
-            # are whole lines (the region ends with a line end), each short enough.
-            pos = start + 2
-            rfind = segment.rfind
-            while lines_end - pos > max_line:
-                newline = rfind(b"\n", pos, pos + max_line)
-                if newline < 0:
-                    self._refuse_content(TEXT_LINE_TOO_LONG)
-                    return
-                pos = newline + 1
-        if not bare_lf:
-            if dots:
-                # As _UNSTUFF.sub(), a tenth cheaper: one list item per dot line, not two.
-                lines = _UNSTUFF.split(memoryview(segment)[start:cut])
-                # What is left between the CRLF-dots, a NUL in place of each, holds every
-                # other CR and LF of the segment beside its neighbours there. A stuffed line
-                # has none: one memchr then stands for the scans for bare CRs and LFs.
-                if not _has_bare_line_end(b"\0".join(lines)):
-                    piece = _CRLF.join(lines)
-                    self._keep(memoryview(piece)[skip - start :] if skip > start else piece)
-                    return
-            elif _BARE_CR.search(segment, start, cut) is None:
-                # Nothing to unstuff: keep a view of the segment, not a copy (join takes views).
-                self._keep(memoryview(segment)[skip:cut])
-                return
-        # A CR or LF outside a CRLF.
-        if not self.limits.accept_bare_line_endings:
-            self._refuse_content(BARE_LINE_END_IN_DATA)
-            return
-        # Unstuff first, so that only real CRLF-dot line starts lose their dot.
-        piece = _UNSTUFF.sub(_CRLF, segment[start:cut])
-        self._keep(_BARE_LINE_END.sub(_CRLF, piece)[skip - start :])
-
-    def _keep(self, piece: bytes | memoryview) -> None:
-        self._size += len(piece)
+    def _data_chunk(self, pieces: list[Piece]) -> DataChunk:
+        """The next settled piece of content, at most :data:`MAX_CHUNK` octets of it."""
+        piece = pieces[0]
+        if len(piece) > MAX_CHUNK:
+            view = memoryview(piece)
+            pieces[0] = view[MAX_CHUNK:]
+            piece = view[:MAX_CHUNK]
+        else:
+            del pieces[0]
         transaction = self.transaction
         assert transaction is not None
-        if self._size > transaction.max_size:
-            self._refuse_content(TOO_BIG)
-        elif piece:
-            self._parts.append(piece)
+        self._chunks += 1
+        return DataChunk(self.session, transaction, piece)
 
-    def _refuse_content(self, reply: bytes) -> None:
-        """Refused while streaming: keep reading to the end, but keep nothing."""
-        self._content_failure = reply
-        self._parts = []
-        self._size = 0
-
-    def _receive_chunk(self) -> Event | NeedData | Closed | None:
-        """A BDAT chunk: exactly the announced number of octets, which are not parsed."""
-        buf, pos = self._buf, self._pos
-        take = min(self._bdat_remaining, len(buf) - pos)
-        if take:
-            if self._content_failure is None:
-                self._keep(buf if take == len(buf) else buf[pos : pos + take])
-            self._resume_commands(buf, pos + take)
-            self._bdat_remaining -= take
-        if self._bdat_remaining:
-            return self._lost() if self._eof else NEED_DATA
-        self._state = _State.COMMAND
-        failure = self._content_failure
-        if failure is NEED_MAIL or failure is NEED_RCPT:
-            self._content_failure = None
-            return self._error(failure)
-        if failure is None and not self._bdat_last:
-            self._reply(_r(250, "2.0.0", f"{self._size} octets received"))
-            return None
-        if failure is None and _pieces_have_bare_line_end(self._parts):
-            # Checked in the pieces: the App joins them once, with its trace header in front.
-            if not self.limits.accept_bare_line_endings:
-                self._content_failure = BARE_LINE_END_IN_DATA
-            else:
-                self._parts = [_BARE_LINE_END.sub(_CRLF, b"".join(self._parts))]
+    def _end_content(self) -> Event | None:
+        """After the end of data: the pieces not yet handed on, then the Data event."""
+        reader = self._content
+        assert reader is not None
+        if reader.pieces:
+            return self._data_chunk(reader.pieces)
+        self._state = _COMMAND
         return self._finish_content()
 
     def _finish_content(self) -> Event | None:
         """The content is complete: refuse it, or ask the App with a Data event."""
-        failure = self._content_failure
+        reader = self._content
+        assert reader is not None
+        failure = reader.failure
         transaction = self.transaction
         if failure is not None or transaction is None:
             failure = failure or NEED_MAIL
             self._reply(failure)
             self._reset_transaction(int(failure[:3]))
             return None
-        # Handed over unjoined: the App joins them once, with its trace header in front.
-        data = Data(self.session, transaction, self._parts)
-        transaction.size = data.size
-        self._parts = []
-        self._size = 0
-        return data
+        transaction.size = reader.size
+        if not self._chunks:
+            # An empty message: one empty chunk all the same, so that the message exists
+            # (the App makes it at the first chunk) when Data asks about it.
+            self._chunks = 1
+            self._state = _ENDING
+            return DataChunk(self.session, transaction, b"")
+        return Data(self.session, transaction)
+
+    def _refuse_content(self, reply: bytes) -> None:
+        """A DataChunk was refused: read the rest of the content, keep nothing of it."""
+        reader = self._content
+        if reader is not None:
+            reader.refuse(reply)
+        self._release_message()
+
+    def _release_message(self) -> None:
+        """Drop what was spooled of a message that will not be handed over."""
+        transaction = self.transaction
+        if transaction is not None:
+            message = transaction.message
+            if message is not None and transaction.message_id is None:
+                message.close()
 
 
 _COMMANDS = {

@@ -48,11 +48,12 @@ from minismtp.app import App
 from minismtp.events import Connect, Event, Mail
 from minismtp.ids import new_id
 from minismtp.logs import InfoLine
+from minismtp.message import Message
 from minismtp.metrics import Metrics
 from minismtp.protocol import NEED_DATA, Closed, Engine, Limits, NeedData, StartTLS
 from minismtp.proxy import LOOPBACK, IPNetwork, ProxyError, is_trusted, read_proxy_header
 from minismtp.tls import TLSConfig, TLSHandshakeFailed
-from minismtp.types import Message, Reply, Session
+from minismtp.types import Reply, Session
 from minismtp.wires import StreamWire, TrioSocketWire, Wire
 
 if sys.version_info < (3, 11):
@@ -438,6 +439,9 @@ class Server:
         finally:
             if connection is not None:
                 self._connections.discard(connection)
+                # Ends a transaction still open (a lost connection, a cancelled session): its
+                # spooled content goes with it.
+                connection.engine.close()
                 connection.transactions_ended()
             await wire.aclose()
             metrics.connection_closed()

@@ -32,8 +32,9 @@ import attrs
 from minismtp.app import LOCAL_ERROR, App
 from minismtp.events import Event
 from minismtp.ids import new_id
+from minismtp.message import Message
 from minismtp.protocol import NEED_DATA, Closed, Engine, StartTLS
-from minismtp.types import Message, Reply, Session, TLSInfo
+from minismtp.types import Reply, Session, TLSInfo
 
 __all__ = ["SessionClosed", "TestClient", "parse_replies"]
 
@@ -218,6 +219,7 @@ class TestClient:
 
     def _forget_session(self) -> None:
         if self._engine is not None:
+            self._engine.close()  # a transaction left open lets go of its spooled content
             self.app._watchers.pop(self._engine.session, None)
 
     # -- commands -----------------------------------------------------------------------------

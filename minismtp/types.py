@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
+
+if TYPE_CHECKING:
+    from minismtp.message import Message as Message
 
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 
@@ -208,6 +211,9 @@ class Transaction:
     size: int = 0  # octets of content, once it is complete
     reply_code: int | None = None  # the reply that ended it; None while open, or if abandoned
     message_id: str | None = None  # the id of the message the App accepted from it
+    #: The message under construction, from the content's first chunk on (the App makes it).
+    #: The engine closes it when the transaction ends, unless the App handed it over.
+    message: Message | None = attrs.field(default=None, repr=False)
 
     @property
     def declared_size(self) -> int | None:
@@ -223,33 +229,10 @@ class Transaction:
         return (self.mail_params.get("BODY") or "7BIT").upper()
 
 
-@attrs.frozen
-class Message:
-    """An accepted message, as handed to ``on_message`` consumers and ``app.messages``.
+def __getattr__(name: str) -> Any:
+    # Message lives in minismtp.message (it needs the spool); it was defined here first.
+    if name == "Message":
+        from minismtp.message import Message
 
-    ``data`` is the message with our ``Received:`` header prepended (RFC 5321 4.4);
-    :attr:`original` is the content exactly as the client meant it (dot-unstuffed). Only
-    ``data`` is held, so a large message costs its size once, not twice.
-    """
-
-    id: str
-    mail_from: Address
-    rcpt_to: tuple[Address, ...]
-    data: bytes
-    peer: tuple[str, int]
-    helo_name: str | None
-    tls: TLSInfo | None
-    received_at: float
-    mail_params: dict[str, str | None] = attrs.field(factory=dict)
-    rcpt_params: tuple[dict[str, str | None], ...] = ()
-    trace_length: int = 0  # octets of our trace header at the start of data
-
-    @property
-    def original(self) -> bytes:
-        """The content as the client sent it, without our trace header (a copy)."""
-        return self.data[self.trace_length :]
-
-    @property
-    def size(self) -> int:
-        """Octets of content as the client sent it."""
-        return len(self.data) - self.trace_length
+        return Message
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -95,9 +95,9 @@ async def test_sync_and_async_hooks_none_accepts_and_a_reply_answers() -> None:
         return Reply(550, "5.1.1", "No such user") if rcpt.local_part == "nobody" else None
 
     @app.on_data
-    def data(tx: Transaction, content: bytes) -> Reply | None:
-        seen.append(f"data {len(content)}")
-        return Reply(554, "5.6.0", "Refused") if b"virus" in content else None
+    def data(tx: Transaction, message: Message) -> Reply | None:
+        seen.append(f"data {message.size}")
+        return Reply(554, "5.6.0", "Refused") if b"virus" in message.original else None
 
     async with TestClient(app) as client:
         await client.ehlo("c.example.org")
@@ -166,8 +166,8 @@ async def test_data_hook_sees_the_whole_message_before_the_received_header() -> 
     seen: list[tuple[bytes, list[Address]]] = []
 
     @app.on_data
-    async def data(tx: Transaction, content: bytes) -> None:
-        seen.append((content, list(tx.rcpt_to)))
+    async def data(tx: Transaction, message: Message) -> None:
+        seen.append((message.original, list(tx.rcpt_to)))
 
     async with TestClient(app) as client:
         await one_message(client)
@@ -241,7 +241,7 @@ async def test_middleware_that_acts_on_some_events_is_passed_by_at_the_others() 
     )
     app.on_mail(lambda tx, sender: log.append("mail hook"))
     app.on_rcpt(lambda tx, rcpt: log.append("rcpt hook"))
-    app.on_data(lambda tx, data: log.append("data hook"))
+    app.on_data(lambda tx, message: log.append("data hook"))
     everyone = ["outer", "inner", "/inner", "/outer"]
 
     async def seen(command: str, content: bytes = b"") -> list[str]:
@@ -261,7 +261,10 @@ async def test_middleware_that_acts_on_some_events_is_passed_by_at_the_others() 
             "outer", "envelope", "rcpt", "inner", "rcpt hook", "/inner", "/rcpt", "/envelope",
             "/outer",
         ]  # fmt: skip
-        assert await seen("DATA", BODY) == ["outer", "inner", "data hook", "/inner", "/outer"]
+        # The content's one chunk (DataChunk), then the whole message (Data).
+        assert await seen("DATA", BODY) == [
+            *everyone, "outer", "inner", "data hook", "/inner", "/outer"
+        ]  # fmt: skip
     assert len(client.messages) == 1
 
 

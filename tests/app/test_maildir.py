@@ -7,6 +7,7 @@ import re
 import socket
 import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -22,7 +23,7 @@ NAME = re.compile(r"(\d+)\.M(\d{1,6})P(\d+)Q(\d+)R([0-9a-f]{8})\.(.+)")
 async def test_put_stores_the_bytes_in_new_and_leaves_tmp_empty(tmp_path: Path) -> None:
     box = Maildir(tmp_path / "mail")
     data = b"Received: x\r\nSubject: t\r\n\r\nbody\r\n\x00\xff\r\n"
-    path = await box.put(data)
+    path = await box.deliver(data)
     assert path.parent == tmp_path / "mail" / "new"
     assert path.read_bytes() == data
     assert sorted(p.name for p in (tmp_path / "mail").iterdir()) == ["cur", "new", "tmp"]
@@ -69,7 +70,7 @@ async def test_failed_write_leaves_nothing_behind(
 
     monkeypatch.setattr(os, "fsync", broken_fsync)
     with pytest.raises(OSError):
-        await box.put(b"data\r\n")
+        await box.deliver(b"data\r\n")
     assert list((tmp_path / "tmp").iterdir()) == []
     assert list((tmp_path / "new").iterdir()) == []
 
@@ -88,9 +89,9 @@ async def test_group_commit_every_put_returns_after_an_fsync_that_covers_it(
     real_write = Maildir._write
     real_sync = Maildir._sync_directory
 
-    def write(self: Maildir, name: str, data: bytes) -> Path:
+    def write(self: Maildir, name: str, content: Callable[[int], None]) -> Path:
         nonlocal written
-        path = real_write(self, name, data)
+        path = real_write(self, name, content)
         with renamed:
             written += 1
             renamed.notify_all()
@@ -108,7 +109,7 @@ async def test_group_commit_every_put_returns_after_an_fsync_that_covers_it(
     returned: list[Path] = []
 
     async def put(i: int) -> None:
-        path = await box.put(b"message %d\r\n" % i)
+        path = await box.deliver(b"message %d\r\n" % i)
         assert path.name in covered
         returned.append(path)
 
@@ -128,5 +129,5 @@ async def test_group_commit_every_put_returns_after_an_fsync_that_covers_it(
 async def test_a_lone_put_pays_for_its_own_fsync(tmp_path: Path) -> None:
     box = Maildir(tmp_path)
     for i in range(3):
-        await box.put(b"%d" % i)
+        await box.deliver(b"%d" % i)
     assert box.directory_syncs == 3

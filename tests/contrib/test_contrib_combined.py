@@ -17,6 +17,7 @@ from minismtp.contrib.ratelimit import ConnectionLimit
 from minismtp.contrib.size import MessageSizeLimit
 from minismtp.events import Connect, Data, Event, Helo, Mail, Rcpt
 from minismtp.ids import new_id
+from minismtp.message import Message
 from minismtp.testing import TestClient
 from minismtp.types import Address, Reply, Session, Transaction
 
@@ -112,7 +113,7 @@ def events_from(peer: str) -> list[Event]:
         Helo(session, "client.example.org", True, ("SIZE 1000000",)),
         Mail(session, transaction, sender, transaction.mail_params),
         Rcpt(session, transaction, Address("b", "elsewhere.org"), {}),
-        Data(session, transaction, message(LIMIT + 100)),
+        Data(session, transaction, Message.from_bytes(message(LIMIT + 100))),
     ]
 
 

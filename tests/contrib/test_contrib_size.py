@@ -150,7 +150,7 @@ async def test_bdat_chunks_past_the_limit_refused_exact_size_accepted_rfc3030_rf
 async def test_refused_message_never_reaches_data_hooks() -> None:
     app = limited_app()
     seen: list[int] = []
-    app.on_data(lambda tx, data: seen.append(len(data)))
+    app.on_data(lambda tx, message: seen.append(message.size))
     async with TestClient(app) as client:
         await client.send_message("a@example.org", "b@example.com", sized(LIMIT + 500))
         await client.send_message("a@example.org", "b@example.com", sized(LIMIT))
@@ -230,8 +230,9 @@ async def test_200_mb_message_to_a_1_mb_limit_keeps_memory_under_16_mb_rfc1870(
 
 
 async def test_the_memory_measure_sees_a_message_the_server_keeps() -> None:
-    """Control for the test above: without the limit, a 24 MB message shows up in the peak."""
-    app = App(hostname="mx.example.com")
+    """Control for the test above: without the limit, and with a spool that may keep 64 MiB
+    in memory, a 24 MB message shows up in the peak."""
+    app = App(hostname="mx.example.com", spool_memory=64 * MiB)
     async with serve(app, "127.0.0.1", 0, config=ServerConfig(shutdown_grace=1.0)) as server:
         reply, growth = await stream_message(server.port, 24_000_000, bdat=False)
     assert reply.startswith("250 2.0.0 OK queued as")

@@ -6,14 +6,19 @@ from collections.abc import Callable, Iterable
 
 import attrs
 
-from minismtp.events import Connect, Data, Event, Helo, Mail, Rcpt
+from minismtp.events import Connect, Data, DataChunk, Event, Helo, Mail, Rcpt
 from minismtp.protocol import NEED_DATA, Closed, Engine, Limits, StartTLS
 from minismtp.types import Reply, Session, TLSInfo
 
 Responder = Callable[[Event], Reply | None]
 
 
+CHUNK_OK = Reply(250, "2.0.0", "OK")
+
+
 def accept_all(event: Event) -> Reply:
+    if isinstance(event, DataChunk):
+        return CHUNK_OK
     if isinstance(event, Connect):
         return Reply(220, None, "mx.test ESMTP")
     if isinstance(event, Helo):
@@ -54,7 +59,20 @@ class Run:
 
     @property
     def messages(self) -> list[bytes]:
-        return [event.data for event in self.events if isinstance(event, Data)]
+        """The content of each Data event: the chunks of its transaction, joined."""
+        return [self.content(event) for event in self.events if isinstance(event, Data)]
+
+    def content(self, data: Data) -> bytes:
+        return b"".join(
+            bytes(event.chunk)
+            for event in self.events
+            if isinstance(event, DataChunk) and event.transaction is data.transaction
+        )
+
+    @property
+    def app_events(self) -> list[Event]:
+        """The events without the DataChunks (which depend on how the reads cut the data)."""
+        return [event for event in self.events if not isinstance(event, DataChunk)]
 
 
 def split_replies(out: bytes) -> list[str]:

@@ -1,41 +1,47 @@
-"""Data events carry the content in the pieces it arrived in, and join it once."""
+"""DataChunk events carry content as it streams in; Data refers to the whole message."""
 
 from __future__ import annotations
 
-from minismtp.events import Data
+import pytest
+
+from minismtp.events import Data, DataChunk
+from minismtp.message import Message
 from minismtp.types import Address, Session, Transaction
 
 CONTENT = b"Subject: x\r\n\r\nbody\r\n"
+TRACE = b"Received: from x\r\n"
 
 
-def pieces() -> list[bytes | memoryview]:
-    return [b"Subject: x\r\n", memoryview(b"--\r\nbody\r\n")[2:]]
-
-
-def test_data_joins_its_pieces_once_on_first_read() -> None:
-    session = Session()
-    event = Data(session, Transaction(session, Address.null()), pieces())
-    assert event.size == len(CONTENT)
-    assert event.data == CONTENT
-    assert event.data is event.data
-    assert event.size == len(CONTENT)
-
-
-def test_prefixed_puts_the_prefix_in_front_in_one_join() -> None:
+def test_a_chunk_shows_its_size_not_its_content() -> None:
     session = Session()
     transaction = Transaction(session, Address.null())
-    trace = b"Received: from x\r\n"
-    assert Data(session, transaction, pieces()).prefixed(trace) == trace + CONTENT
-    joined = Data(session, transaction, pieces())
-    assert joined.data == CONTENT
-    assert joined.prefixed(trace) == trace + CONTENT
+    chunk = DataChunk(session, transaction, memoryview(CONTENT))
+    assert f"<{len(CONTENT)} octets>" in repr(chunk) and "body" not in repr(chunk)
+    assert bytes(chunk.chunk) == CONTENT
 
 
-def test_data_from_bytes_and_from_pieces_are_equal_and_repr_shows_the_size_only() -> None:
+def test_data_gives_the_transactions_message_its_content_and_size() -> None:
     session = Session()
     transaction = Transaction(session, Address.null())
-    whole = Data(session, transaction, data=CONTENT)
-    assert whole == Data(session, transaction, pieces())
-    assert hash(whole) == hash(Data(session, transaction, pieces()))
-    assert whole != Data(session, transaction, CONTENT + b"more\r\n")
-    assert f"<{len(CONTENT)} octets>" in repr(whole) and "body" not in repr(whole)
+    transaction.message = Message.from_bytes(TRACE + CONTENT, trace_length=len(TRACE))
+    transaction.size = len(CONTENT)
+    event = Data(session, transaction)
+    assert event.message is transaction.message
+    assert event.size == len(CONTENT)
+    assert event.data == CONTENT  # without our trace header
+    assert event.message.data == TRACE + CONTENT
+
+
+def test_data_may_be_given_its_message_directly() -> None:
+    """Middleware tests build events by hand."""
+    session = Session()
+    transaction = Transaction(session, Address.null())
+    event = Data(session, transaction, Message.from_bytes(CONTENT))
+    assert event.size == len(CONTENT) and event.data == CONTENT
+
+
+def test_data_without_a_message_says_so() -> None:
+    session = Session()
+    event = Data(session, Transaction(session, Address.null()))
+    with pytest.raises(RuntimeError, match="no message"):
+        event.message  # noqa: B018

@@ -146,8 +146,8 @@ async def test_hook_that_raises_gives_451_and_the_next_transaction_works(
     server: Server, app: App
 ) -> None:
     @app.on_data
-    def explode_once(tx: Transaction, data: bytes) -> None:
-        if b"boom" in data:
+    def explode_once(tx: Transaction, message: Message) -> None:
+        if b"boom" in message.data:
             raise RuntimeError("secret detail")
 
     def send() -> tuple[int, bytes]:

@@ -17,6 +17,7 @@ import pytest
 
 from minismtp.app import App
 from minismtp.server import serve
+from minismtp.message import Message
 from minismtp.types import Address, Reply, Session, Transaction
 from tests.helpers.backends import with_uvloop
 from tests.helpers.clients import Connect, WireClient, drain
@@ -57,7 +58,7 @@ async def test_hooks_that_wait_in_every_way_give_the_same_replies(
         return Reply(550, "5.1.1", "No such user") if local == "nobody" else None
 
     @app.on_data
-    async def wait_for_release(tx: Transaction, data: bytes) -> None:
+    async def wait_for_release(tx: Transaction, message: Message) -> None:
         with anyio.fail_after(5):
             await released.wait()
 
@@ -91,7 +92,7 @@ async def test_cancel_scopes_and_timeouts_inside_hooks(app: App, connect: Connec
         timeouts.append(scope.cancelled_caught)
 
     @app.on_data
-    async def timeout_that_does_not(tx: Transaction, data: bytes) -> None:
+    async def timeout_that_does_not(tx: Transaction, message: Message) -> None:
         with anyio.fail_after(10):
             await anyio.lowlevel.checkpoint()
 
@@ -121,7 +122,7 @@ async def test_every_hook_of_a_session_runs_as_the_connections_task(
         await anyio.lowlevel.checkpoint()
         note(tx.session)
 
-    app.on_data(lambda tx, data: note(tx.session))
+    app.on_data(lambda tx, message: note(tx.session))
 
     async with serve(app, "127.0.0.1", 0) as server:
         async with connect(server.port) as first, connect(server.port) as second:
