@@ -20,6 +20,7 @@ import ssl
 import sys
 import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import anyio
@@ -91,6 +92,7 @@ def _number(
 
 
 _positive_int = _number(int, "a whole number", lambda value: value >= 1, "must be at least 1")
+_octets = _number(int, "a whole number", lambda value: value >= 0, "must not be negative")
 _port = _number(int, "a port number", lambda value: 0 <= value <= 65535, "not a port number")
 _seconds = _number(
     float, "a number of seconds", lambda value: value > 0, "must be more than 0 seconds"
@@ -183,6 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGTERM, how long a transaction in progress may take to finish "
         "(default: %(default)g)",
+    )
+    spool = run.add_argument_group("message content")
+    spool.add_argument(
+        "--spool-memory",
+        type=_octets,
+        metavar="BYTES",
+        help="octets of a message's content held in memory; past that it goes to a file "
+        "(default: 262144, 256 KiB)",
+    )
+    spool.add_argument(
+        "--spool-dir",
+        metavar="DIR",
+        help="where the files of large messages are written while they arrive (default: the "
+        "Maildir's tmp/ with a Maildir, so that storing is a rename; else the system's "
+        "temporary directory)",
     )
     tls = run.add_argument_group("TLS")
     tls.add_argument(
@@ -325,6 +342,15 @@ def _configure_app(app: ServableApp, args: argparse.Namespace) -> None:
         app.limits = attrs.evolve(app.limits, max_message_size=args.max_size)
     if args.max_recipients is not None:
         app.limits = attrs.evolve(app.limits, max_recipients=args.max_recipients)
+    if args.spool_memory is not None:
+        app.limits = attrs.evolve(app.limits, spool_memory=args.spool_memory)
+    if args.spool_dir is not None:
+        if not hasattr(app, "spool_dir"):
+            raise UsageError("--spool-dir: this App has no spool_dir")
+        spool_dir = Path(args.spool_dir)
+        if not spool_dir.is_dir():
+            raise UsageError(f"--spool-dir: not a directory: {args.spool_dir!r}")
+        app.spool_dir = spool_dir
 
 
 def _load(args: argparse.Namespace) -> tuple[ServableApp, TLSConfig | None]:
