@@ -405,6 +405,11 @@ class App:
 
     async def _on_data(self, event: Data) -> Reply:
         message = event.message
+        try:
+            message.spool.finish()  # the last pieces into the file, or joined in memory
+        except OSError as exc:
+            logger.error("could not spool message %s: %s", message.id, exc)
+            return INSUFFICIENT_STORAGE
         for hook in self._data_hooks:
             result = hook(event.transaction, message)
             if result is not None and (reply := await _resolve(result)) is not None:
@@ -442,7 +447,6 @@ class App:
         store = self.store
         try:
             if store is None:
-                message.spool.finish()  # joined now, not when read: the reads it came in go
                 self._send.send_nowait(message)  # the usual hand-over: no coroutine for it
             else:
                 await self._store(store, message)

@@ -44,7 +44,7 @@ DEFAULT_MEMORY = 256 * 1024
 #: the system's temporary directory).
 PREFIX = "minismtp-spool-"
 # Pieces are gathered and written with one writev() per this many octets.
-_WRITE_SIZE = 256 * 1024
+_WRITE_SIZE = 128 * 1024
 _IOV_MAX = 1024
 _COPY_BLOCK = 1024 * 1024
 #: Maildir tmp/ files older than this are left over (the Maildir specification's 36 hours).
