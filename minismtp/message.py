@@ -71,8 +71,9 @@ class Message:
     _size: int = attrs.field(default=-1, alias="size", repr=False)
     _head_end: int = attrs.field(default=-1, init=False, repr=False)
     _headers: email.message.EmailMessage | None = attrs.field(default=None, init=False, repr=False)
-    _prepended: list[bytes] = attrs.field(factory=list, init=False, repr=False)
-    _dropped: set[tuple[int, int]] = attrs.field(factory=set, init=False, repr=False)
+    # Edits not yet written into the spool (most messages have none: no list, no set for them).
+    _prepended: tuple[bytes, ...] = attrs.field(default=(), init=False, repr=False)
+    _dropped: frozenset[tuple[int, int]] = attrs.field(default=frozenset(), init=False, repr=False)
 
     # -- building -------------------------------------------------------------------------
 
@@ -219,7 +220,7 @@ class Message:
             raise ValueError(f"a folded line of {name} must start with a space or a tab")
         text = "\r\n".join(line.rstrip("\r") for line in lines)
         self._freeze_size()
-        self._prepended.insert(0, f"{name}: {text}\r\n".encode())
+        self._prepended = (f"{name}: {text}\r\n".encode(), *self._prepended)
         self._headers = None
 
     def drop_headers(self, predicate: Callable[[str, str], bool]) -> int:
@@ -232,7 +233,7 @@ class Message:
             span = (head_start + start, head_start + end)
             if span not in self._dropped and predicate(name, value):
                 self._freeze_size()
-                self._dropped.add(span)
+                self._dropped |= {span}
                 dropped += 1
         if dropped:
             self._headers = None
@@ -267,8 +268,8 @@ class Message:
         self._spool.replace_head(self._head_end, new_head)
         self.trace_length += sum(map(len, self._prepended))
         self._head_end = len(new_head)
-        self._prepended = []
-        self._dropped = set()
+        self._prepended = ()
+        self._dropped = frozenset()
 
     # -- lifetime ---------------------------------------------------------------------------
 

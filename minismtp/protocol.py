@@ -401,13 +401,11 @@ class Engine:
         if transaction is not None:
             transaction.reply_code = reply_code
             self.finished.append(transaction)
-            message = transaction.message
-            if message is not None:
+            if transaction.message is not None:
                 # The one place that lets go of a message not handed over; one handed over is
                 # its new owner's (a finished transaction may be kept a while, for the logs).
+                self._release_message()
                 transaction.message = None
-                if transaction.message_id is None:
-                    message.close()
         self.transaction = None
         self._chunking = False
         self._content = None

@@ -94,11 +94,12 @@ class Spool:
     size: int = 0
     #: Where a store put the message (a Maildir's ``new/`` file), when it is not the spool's.
     stored_at: Path | None = None
+    # The pieces written: all of them while in memory; with a file, those not yet written to
+    # it (one writev() for many).
     _pieces: list[Piece] = attrs.field(factory=list)
+    _pending: int = 0  # octets in _pieces, with a file
     _memory: bytes | None = None  # the whole content, once finished in memory
     _file: _File | None = None
-    _pending: list[Piece] = attrs.field(factory=list)  # written to the file in batches
-    _pending_size: int = 0
     _closed: bool = False
 
     @classmethod
@@ -126,14 +127,13 @@ class Spool:
         if not size:
             return
         self.size += size
+        self._pieces.append(piece)
         if self._file is None:
-            self._pieces.append(piece)
             if self.size > self.memory_limit:
                 self._guard(self._spill)
         else:
-            self._pending.append(piece)
-            self._pending_size += size
-            if self._pending_size >= _WRITE_SIZE:
+            self._pending += size
+            if self._pending >= _WRITE_SIZE:
                 self._guard(self._flush)
 
     def finish(self) -> None:
@@ -143,7 +143,7 @@ class Spool:
             if self._memory is None or self._pieces:
                 self._memory = b"".join((self._memory or b"", *self._pieces))
                 self._pieces = []
-        elif self._pending:
+        elif self._pieces:
             self._guard(self._flush)
 
     def _guard(self, write: Callable[[], None]) -> None:
@@ -162,8 +162,6 @@ class Spool:
         self._adopt(_File(fd, path))
         if self.lock and fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._pending, self._pieces = self._pieces, []
-        self._pending_size = self.size
         self._flush()
 
     def _adopt(self, file: _File) -> None:
@@ -172,9 +170,9 @@ class Spool:
 
     def _flush(self) -> None:
         assert self._file is not None
-        _write_all(self._file.fd, self._pending)
-        self._pending = []
-        self._pending_size = 0
+        _write_all(self._file.fd, self._pieces)
+        self._pieces = []
+        self._pending = 0
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -308,7 +306,6 @@ class Spool:
         """Let go of the content: the memory, and the file unless a store has it."""
         self._closed = True
         self._pieces = []
-        self._pending = []
         self._memory = None
         if self._file is not None:
             self._file.release()
