@@ -2,15 +2,17 @@
 
 By default glibc maps fresh pages for every allocation above a threshold (128 KiB, raised as
 such blocks are freed, to 32 MiB at most) and hands freed memory back to the system as soon
-as 128 KiB of it lie free at the top of the heap. A server receiving large messages allocates
-and frees blocks of megabytes all the time (each read, the unstuffed content, the message), so
-each time the pages are mapped anew and fault on their first touch: about a tenth of the CPU
-that a dot-stuffed 10 MB message costs on uvloop and on trio (``tests/bench`` on 29 November
-2026: 2.7 against 3.2 ms per MB on uvloop, 2.9 against 3.3 on trio).
+as 128 KiB of it lie free at the top of the heap. A server that allocates and frees blocks
+above that threshold all the time pays a page fault on each of their pages, every time.
 
 ``minismtp run`` therefore fixes the threshold at 32 MiB and trims only past 64 MiB free, so
-a message's blocks come from the heap and are used again by the next message. The cost: up
-to 64 MiB freed after a burst of large messages stays with the process, for the next burst.
+such blocks come from the heap and are used again. This was made when a message was held
+whole (its reads, the unstuffed content, the message: blocks of megabytes, about a tenth of
+the CPU of a dot-stuffed 10 MB message). Message content now streams into a spool, and the
+largest blocks left are a read and a spool's in-memory part (256 KiB): the settings no longer
+change what memory a burst of large messages leaves behind (``tests/bench/README.md``,
+"Memory"), and what they still save in CPU is a timing run's to say.
+
 An operator who sets any of glibc's ``MALLOC_*`` variables, or malloc tunables in
 ``GLIBC_TUNABLES``, has chosen for themselves: the allocator is then left alone.
 """

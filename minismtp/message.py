@@ -215,10 +215,11 @@ class Message:
         message is next read or stored."""
         if not _HEADER_FIELD.fullmatch(name):
             raise ValueError(f"not a header field name: {name!r}")
-        lines = value.split("\n")
-        if any(line.rstrip("\r") and i and line[0] not in " \t" for i, line in enumerate(lines)):
+        lines = value.replace("\r\n", "\n").split("\n")
+        if any("\r" in line or (i and line[:1] not in (" ", "\t")) for i, line in enumerate(lines)):
+            # A line end that does not fold would end the field, and start one of the client's.
             raise ValueError(f"a folded line of {name} must start with a space or a tab")
-        text = "\r\n".join(line.rstrip("\r") for line in lines)
+        text = "\r\n".join(lines)
         self._freeze_size()
         self._prepended = (f"{name}: {text}\r\n".encode(), *self._prepended)
         self._headers = None

@@ -146,8 +146,9 @@ def test_bad_header_names_and_folding_are_refused() -> None:
     message = Message.from_bytes(b"Subject: x\r\n\r\nbody\r\n")
     with pytest.raises(ValueError):
         message.prepend_header("Bad Name", "x")
-    with pytest.raises(ValueError):
-        message.prepend_header("X-Ok", "one\r\ntwo")
+    for value in ("one\r\ntwo", "one\ntwo", "one\rtwo", "one\r\n"):
+        with pytest.raises(ValueError):
+            message.prepend_header("X-Ok", value)
     message.prepend_header("X-Ok", "one\r\n two")
     assert message.data == b"X-Ok: one\r\n two\r\nSubject: x\r\n\r\nbody\r\n"
 
