@@ -630,15 +630,17 @@ class Engine:
                     self._release_message()
                 return None
             return self._lost() if self._eof else NEED_DATA
-        self._state = _COMMAND
         failure = reader.failure
         if failure is NEED_MAIL or failure is NEED_RCPT:
+            self._state = _COMMAND
             self._content = None
             return self._error(failure)
-        if failure is None and not reader.last:
-            self._reply(_r(250, "2.0.0", f"{reader.size} octets received"))
+        if reader.last or failure is not None:  # a failed chunk fails the transaction too
+            self._state = _ENDING
             return None
-        return self._finish_content()
+        self._state = _COMMAND
+        self._reply(_r(250, "2.0.0", f"{reader.size} octets received"))
+        return None
 
     def _data_chunk(self, pieces: list[Piece]) -> DataChunk:
         """The next settled piece of content, at most :data:`MAX_CHUNK` octets of it."""
@@ -655,32 +657,26 @@ class Engine:
         return DataChunk(self.session, transaction, piece)
 
     def _end_content(self) -> Event | None:
-        """After the end of data: the pieces not yet handed on, then the Data event."""
+        """The content is complete: its pieces not yet handed on, then the Data event, or the
+        refusal."""
         reader = self._content
         assert reader is not None
         if reader.pieces:
             return self._data_chunk(reader.pieces)
-        self._state = _COMMAND
-        return self._finish_content()
-
-    def _finish_content(self) -> Event | None:
-        """The content is complete: refuse it, or ask the App with a Data event."""
-        reader = self._content
-        assert reader is not None
         failure = reader.failure
         transaction = self.transaction
+        if failure is None and transaction is not None and not self._chunks:
+            # An empty message: one empty chunk all the same, so that the message exists
+            # (the App makes it at the first chunk) when Data asks about it.
+            self._chunks = 1
+            return DataChunk(self.session, transaction, b"")
+        self._state = _COMMAND
         if failure is not None or transaction is None:
             failure = failure or NEED_MAIL
             self._reply(failure)
             self._reset_transaction(int(failure[:3]))
             return None
         transaction.size = reader.size
-        if not self._chunks:
-            # An empty message: one empty chunk all the same, so that the message exists
-            # (the App makes it at the first chunk) when Data asks about it.
-            self._chunks = 1
-            self._state = _ENDING
-            return DataChunk(self.session, transaction, b"")
         return Data(self.session, transaction)
 
     def _refuse_content(self, reply: bytes) -> None:
