@@ -401,11 +401,9 @@ class Engine:
         if transaction is not None:
             transaction.reply_code = reply_code
             self.finished.append(transaction)
-            if transaction.message is not None:
-                # The one place that lets go of a message not handed over; one handed over is
-                # its new owner's (a finished transaction may be kept a while, for the logs).
-                self._release_message()
-                transaction.message = None
+            # The one place that lets go of a message not handed over (one handed over is its
+            # new owner's, and stays on the transaction for the record).
+            self._release_message()
         self.transaction = None
         self._chunking = False
         self._content = None
@@ -692,6 +690,7 @@ class Engine:
         if transaction is not None:
             message = transaction.message
             if message is not None and transaction.message_id is None:
+                transaction.message = None
                 message.close()
 
 

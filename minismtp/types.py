@@ -211,8 +211,9 @@ class Transaction:
     size: int = 0  # octets of content, once it is complete
     reply_code: int | None = None  # the reply that ended it; None while open, or if abandoned
     message_id: str | None = None  # the id of the message the App accepted from it
-    #: The message under construction, from the content's first chunk on (the App makes it).
-    #: The engine closes it when the transaction ends, unless the App handed it over.
+    #: The message under construction, from the content's first chunk on (the App makes it);
+    #: once the App handed it over, that message. The engine closes and forgets it when the
+    #: transaction ends without a hand-over.
     message: Message | None = attrs.field(default=None, repr=False)
 
     @property
