@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import smtplib
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,7 +25,7 @@ from minismtp.message import Message
 from minismtp.server import Server, ServerConfig, serve
 from minismtp.stores.maildir import Maildir
 from minismtp.types import Reply, Transaction
-from tests.helpers.clients import WireClient
+from tests.helpers.clients import WireClient, drain
 
 pytestmark = pytest.mark.anyio
 
@@ -345,3 +346,64 @@ async def test_no_spool_file_is_left_after_50_aborted_transactions(
     assert server.mail_rx.statistics().current_buffer_used == 0
     assert leftovers(app, tmp_path) == []
     assert stored_files(app, tmp_path) == []
+
+
+# -- a full disk ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (CI runs as root); skipped where it cannot be mounted."""
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+@pytest.mark.parametrize("store", ["channel", "maildir"])
+async def test_a_full_filesystem_is_452_4_3_1_and_the_server_goes_on(
+    small_filesystem: Path, store: str
+) -> None:
+    """ENOSPC on a real filesystem while spooling: 452 4.3.1, nothing kept, and the session
+    and the server go on (a message that fits is stored after it)."""
+    if store == "maildir":
+        app = App(hostname="mx.test", maildir=small_filesystem / "box", spool_memory=THRESHOLD)
+    else:
+        app = App(hostname="mx.test", spool_dir=small_filesystem, spool_memory=THRESHOLD)
+    large, small = content(3 * 1024 * 1024), content(50 * THRESHOLD)
+    async with serve(app, "127.0.0.1", 0) as server:
+        for _ in range(2):
+            async with connected(server.port) as client:
+                assert (await send_data(client, large)).startswith("452 4.3.1 ")
+                assert (await client.command("MAIL FROM:<a@example.org>")).startswith("250")
+                assert (await client.command("RCPT TO:<b@example.com>")).startswith("250")
+                # RFC 3030 3: the chunk that failed is answered, and fails the transaction.
+                await client.send(b"BDAT %d\r\n" % len(large))
+                for block in blocks(large):
+                    await client.send(block)
+                assert (await client.reply()).startswith("452 4.3.1 ")
+                await client.send(b"BDAT 1 LAST\r\nx")
+                assert (await client.reply()).startswith("503 5.5.1")
+                assert (await client.command("MAIL FROM:<a@example.org>")).startswith("250")
+                assert (await client.command("RCPT TO:<b@example.com>")).startswith("250")
+                assert (await send_data(client, small)).startswith("250 2.0.0")
+        if store == "channel":
+            for message in drain(server):
+                assert message.original == small
+                message.close()
+    spooled = small_filesystem / "box" / "tmp" if store == "maildir" else small_filesystem
+    assert [p for p in os.listdir(spooled) if p != "box"] == []
+    if store == "maildir":
+        stored = sorted((small_filesystem / "box" / "new").iterdir())
+        assert [path.read_bytes().endswith(small) for path in stored] == [True, True]
