@@ -285,3 +285,33 @@ def test_bare_line_ends_found_in_pieces_as_in_their_join(pieces: list[bytes], vi
     bare = b"\r" in outside_crlfs or b"\n" in outside_crlfs
     assert content.pieces_have_bare_line_end(parts) == bare
 
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.lists(st.sampled_from(CONTENT_TOKENS), max_size=40).map(b"".join),
+    chunk_points=st.lists(st.integers(min_value=0), max_size=4),
+    read_points=st.lists(st.integers(min_value=0), max_size=8),
+    normalise=st.booleans(),
+)
+def test_bdat_content_is_the_text_whatever_the_chunks_and_reads(
+    text: bytes, chunk_points: list[int], read_points: list[int], normalise: bool
+) -> None:
+    """RFC 3030 2: chunk content is taken exactly, dots and all; its line ends are checked as
+    the octets come, a CRLF split between two chunks or two reads included: a CR or LF outside
+    a CRLF refuses the message (550), or, normalising, becomes a CRLF."""
+    chunks = cut(text, chunk_points) or [b""]
+    wire = TX[: TX.index(b"DATA")] + b"".join(
+        b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if i == len(chunks) - 1 else b"") + chunk
+        for i, chunk in enumerate(chunks)
+    )
+    run = drive(
+        cut(wire + b"QUIT\r\n", read_points),
+        limits=Limits(accept_bare_line_endings=normalise, max_text_line=0),
+    )
+    if not BARE_CR_OR_LF.search(text):
+        assert run.messages == [text]
+    elif normalise:
+        assert run.messages == [re.sub(rb"\r\n|\r|\n", b"\r\n", text)]
+    else:
+        assert run.messages == [] and "550 5.5.2" in run.codes
+    assert run.codes[-1] == "221 2.0.0"
