@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from minismtp.events import Connect, Data, Helo
+from minismtp.events import Connect, Data, DataChunk, Helo
 from minismtp.protocol import NEED_DATA, Closed, Engine, Limits
 from minismtp.types import Reply, Session
 
@@ -37,9 +37,11 @@ def run(wire: bytes, limits: Limits) -> tuple[float, int, int]:
             pos += READ
         elif isinstance(event, Closed):
             break
+        elif isinstance(event, DataChunk):
+            size += len(event.chunk)  # the content streams out in chunks before Data
+            engine.respond(OK)
         elif isinstance(event, Data):
             messages += 1
-            size += len(event.data)
             engine.respond(OK)
         elif isinstance(event, Connect):
             engine.respond(GREETING)
