@@ -493,12 +493,14 @@ class App:
     async def serving(self, *, raise_exceptions: bool = False) -> AsyncIterator[App]:
         """The App's serving period: the server (or test client) handles events inside it.
 
-        On entry: the Maildir's folders are created, startup hooks run and the ``on_message``
-        consumer starts. On exit: the channel is closed, the consumer drains every message
-        accepted so far, then shutdown hooks run. With ``raise_exceptions`` an exception from
-        an ``on_message`` hook is raised on exit instead of being logged. The drain happens on
-        a normal exit (a graceful shutdown); if the serving period is cancelled, the consumer
-        is cancelled with it and what it had not taken yet stays on :attr:`messages`.
+        On entry: the store is opened (a Maildir's folders created), the spool directory is
+        created or cleaned of files left by processes no longer running, startup hooks run and
+        the ``on_message`` consumer starts. On exit: the channel is closed, the consumer
+        drains every message accepted so far, then shutdown hooks run and the store closes.
+        With ``raise_exceptions`` an exception from an ``on_message`` hook is raised on exit
+        instead of being logged. The drain happens on a normal exit (a graceful shutdown); if
+        the serving period is cancelled, the consumer is cancelled with it and what it had not
+        taken yet stays on :attr:`messages`.
         """
         if self._serving:
             raise RuntimeError("this App is serving already")
@@ -536,14 +538,14 @@ class App:
             self._serving = False
 
     async def _open_storage(self) -> None:
-        """Open the store; clean the spool directory of files that processes no longer
-        running left there (a crash, a kill)."""
+        """Open the store; create the spool directory, or clean it of the files that processes
+        no longer running left there (a crash, a kill). OSError: the server cannot start."""
         store = self.store
         if store is not None:
             await store.open()
         if store is None or store.spool_dir is None:
             directory = self.spool_dir or spool.default_directory()
-            await anyio.to_thread.run_sync(spool.clean_directory, directory)
+            await anyio.to_thread.run_sync(spool.open_directory, directory)
 
     async def _consume(self, raise_exceptions: bool, errors: list[Exception]) -> None:
         receive = self._receive

@@ -365,6 +365,13 @@ def _copy_range(source: int, target: int, offset: int, count: int) -> None:
         count -= len(block)
 
 
+def open_directory(directory: Path) -> None:
+    """Make ``directory`` ready for spool files: created if missing, cleaned of left-overs."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # A few seconds' grace: another worker may have created a file and not yet locked it.
+    clean_directory(directory, older_than=5.0)
+
+
 def clean_directory(
     directory: Path, *, prefix: str | None = PREFIX, older_than: float = 0.0
 ) -> int:

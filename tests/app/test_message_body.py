@@ -289,3 +289,11 @@ async def test_a_message_handed_over_is_not_closed_by_the_end_of_its_session(
             message = await app.messages.receive()
     with message:
         assert message.original == body(10 * THRESHOLD)
+
+
+async def test_a_missing_spool_directory_is_created_at_start_up(tmp_path: Path) -> None:
+    app = spool_app(tmp_path / "a" / "spool")
+    async with TestClient(app) as client:
+        await client.send_message("a@example.org", "b@example.com", body(10 * THRESHOLD))
+    assert len(spool_files(tmp_path / "a" / "spool")) == 1
+    client.messages[0].close()
