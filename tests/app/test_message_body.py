@@ -297,3 +297,25 @@ async def test_a_missing_spool_directory_is_created_at_start_up(tmp_path: Path) 
         await client.send_message("a@example.org", "b@example.com", body(10 * THRESHOLD))
     assert len(spool_files(tmp_path / "a" / "spool")) == 1
     client.messages[0].close()
+
+
+async def test_a_streaming_hook_that_raises_is_451_at_the_end_of_data(tmp_path: Path) -> None:
+    app = spool_app(tmp_path)
+    calls = 0
+
+    @app.on_data_chunk
+    def broken(tx: Transaction, chunk: bytes | memoryview) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("the scanner crashed")
+
+    async with TestClient(app, raise_server_exceptions=False) as client:
+        replies = await client.send_message("a@example.org", "b@example.com", body(1000))
+        assert replies[-1] == Reply(
+            451, "4.3.0", "Requested action aborted: local error in processing"
+        )
+        assert (await client.send_message("a@example.org", "b@example.com", body(1000)))[
+            -1
+        ].code == 250
+    assert [m.original for m in client.messages] == [body(1000)]
