@@ -160,9 +160,15 @@ class Spool:
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         fd = os.open(path, flags, 0o600)
         self._adopt(_File(fd, path))
-        if self.lock and fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._lock(fd)
         self._flush()
+
+    def _lock(self, fd: int) -> None:
+        """Say that the file is in use, to a cleaning at another process's start-up. Where
+        the file system has no such locks (some network ones), its age will have to do."""
+        if self.lock and fcntl is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def _adopt(self, file: _File) -> None:
         self._file = file
@@ -278,8 +284,7 @@ class Spool:
         try:
             _write_all(fd, [head])
             _copy_range(old.fd, fd, length, self.size - length)
-            if self.lock and fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock(fd)
             os.replace(path, old.path)
         except BaseException:
             os.close(fd)
@@ -413,8 +418,10 @@ def _unlocked(path: str) -> bool:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
+    except BlockingIOError:
+        return False  # held: a spool in use
+    except OSError:  # no locks on this file system: the age decides
+        return time.time() - os.fstat(fd).st_mtime > STALE_AFTER
     finally:
         os.close(fd)
     return True
