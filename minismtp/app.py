@@ -171,6 +171,7 @@ class App:
             store = maildir if isinstance(maildir, Maildir) else Maildir(maildir)
         self.store: Store | None = store
         self.spool_dir = Path(spool_dir) if spool_dir is not None else None
+        self._spool_where: tuple[Path | None, bool] | None = None  # while serving
         self.hostname = hostname
         self._connect_hooks: list[ConnectHook] = []
         self._helo_hooks: list[HeloHook] = []
@@ -424,9 +425,8 @@ class App:
         message_id = new_id()
         now = time.time()
         trace = received_header(session, transaction, message_id, by=self._hostname, when=now)
-        store = self.store
-        directory = store.spool_dir if store is not None else None
-        body = Spool(directory or self.spool_dir, self.limits.spool_memory, directory is None)
+        directory, lock = self._spool_where or self._spool_place()
+        body = Spool(directory, self.limits.spool_memory, lock)
         body.write(trace)
         # Positional: with keywords, attrs' __init__ of many fields costs twice as much.
         return Message(
@@ -442,6 +442,15 @@ class App:
             body,
             len(trace),  # trace_length
         )
+
+    def _spool_place(self) -> tuple[Path | None, bool]:
+        """Where spool files go, and whether they are locked while in use (outside a store's
+        own directory, where other processes' start-up cleans by lock); kept while serving."""
+        store = self.store
+        directory = store.spool_dir if store is not None else None
+        if directory is not None:
+            return directory, False
+        return self.spool_dir, True
 
     async def _accept(self, event: Data, message: Message) -> Reply:
         store = self.store
@@ -509,6 +518,7 @@ class App:
             if self._channel_closed:
                 self._open_channel()
             await self._open_storage()
+            self._spool_where = self._spool_place()
             await _call_lifespan_hooks(self._startup_hooks)
             consumer_errors: list[Exception] = []
             body_error: Exception | None = None
@@ -536,6 +546,7 @@ class App:
                 raise consumer_errors[0]
         finally:
             self._serving = False
+            self._spool_where = None
 
     async def _open_storage(self) -> None:
         """Open the store; create the spool directory, or clean it of the files that processes
