@@ -17,7 +17,8 @@ from minismtp.asyncio_wire import ProtocolWire
 from minismtp.events import Event, Mail
 from minismtp.server import Server, ServerConfig, SmtpServer, serve
 from minismtp.types import Address, Message, Reply, Session, Transaction
-from minismtp.wires import StreamWire, TrioSocketWire
+from minismtp.trio_wire import TrioSocketWire
+from minismtp.wires import StreamWire
 from tests.helpers.backends import with_uvloop
 from tests.helpers.clients import Connect, WireClient, drain
 
