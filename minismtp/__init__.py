@@ -6,7 +6,7 @@ The public API lives here; everything else is in modules named for what they hol
 """
 
 from minismtp.app import App
-from minismtp.events import Connect, Data, Event, Handler, Helo, Mail, Rcpt
+from minismtp.events import Connect, Data, Disconnect, Event, Handler, Helo, Mail, Rcpt
 from minismtp.maildir import Maildir
 from minismtp.protocol import Limits
 from minismtp.server import Server, SmtpServer, serve
@@ -19,6 +19,7 @@ __all__ = [
     "App",
     "Connect",
     "Data",
+    "Disconnect",
     "Event",
     "Handler",
     "Helo",

@@ -23,7 +23,7 @@ import anyio
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from minismtp.events import Connect, Data, Event, Handler, Helo, Mail, Rcpt
+from minismtp.events import Connect, Data, Disconnect, Event, Handler, Helo, Mail, Rcpt
 from minismtp.ids import new_id
 from minismtp.maildir import Maildir
 from minismtp.metrics import Metrics
@@ -38,6 +38,8 @@ logger = logging.getLogger("minismtp.app")
 LOCAL_ERROR = Reply(451, "4.3.0", "Requested action aborted: local error in processing")
 MAIL_OK = Reply(250, "2.1.0", "OK")
 RCPT_OK = Reply(250, "2.1.5", "OK")
+# The App's answer to Disconnect, which nobody sends: the connection is gone.
+DISCONNECTED = Reply(221, "2.0.0", "Closed")
 
 HookResult = Reply | Awaitable[Reply | None] | None
 ConnectHook = Callable[[Session], HookResult]
@@ -46,6 +48,7 @@ MailHook = Callable[[Transaction, Address], HookResult]
 RcptHook = Callable[[Transaction, Address], HookResult]
 DataHook = Callable[[Transaction, bytes], HookResult]
 MessageHook = Callable[[Message], Awaitable[None] | None]
+DisconnectHook = Callable[[Session], Awaitable[None] | None]
 LifespanHook = Callable[[], Awaitable[None] | None]
 
 ConnectHookT = TypeVar("ConnectHookT", bound=ConnectHook)
@@ -54,6 +57,7 @@ MailHookT = TypeVar("MailHookT", bound=MailHook)
 RcptHookT = TypeVar("RcptHookT", bound=RcptHook)
 DataHookT = TypeVar("DataHookT", bound=DataHook)
 MessageHookT = TypeVar("MessageHookT", bound=MessageHook)
+DisconnectHookT = TypeVar("DisconnectHookT", bound=DisconnectHook)
 LifespanHookT = TypeVar("LifespanHookT", bound=LifespanHook)
 
 P = ParamSpec("P")
@@ -154,6 +158,7 @@ class App:
         self._rcpt_hooks: list[RcptHook] = []
         self._data_hooks: list[DataHook] = []
         self._message_hooks: list[MessageHook] = []
+        self._disconnect_hooks: list[DisconnectHook] = []
         self._startup_hooks: list[LifespanHook] = []
         self._shutdown_hooks: list[LifespanHook] = []
         self._middleware: list[_Middleware[Any]] = []
@@ -166,6 +171,7 @@ class App:
             Mail: self._on_mail,
             Rcpt: self._on_rcpt,
             Data: self._on_data,
+            Disconnect: self._on_disconnect,
         }
         self._send: MemoryObjectSendStream[Message]
         self._receive: MemoryObjectReceiveStream[Message]
@@ -173,8 +179,6 @@ class App:
         #: Counters and gauges of this App's server (hook errors are counted here).
         self.metrics = Metrics(channel_depth=self._channel_depth)
         self._serving = False
-        # Callbacks told of each message accepted in a given session (the test client's).
-        self._watchers: dict[Session, Callable[[Message], None]] = {}
 
     # -- configuration ------------------------------------------------------------------------
 
@@ -233,6 +237,12 @@ class App:
         A Reply answers instead of the hand-over: a refusal, or a 2xx to accept and discard.
         """
         self._data_hooks.append(hook)
+        return hook
+
+    def on_disconnect(self, hook: DisconnectHookT) -> DisconnectHookT:
+        """``hook(session)`` once for each connection that got ``on_connect``, when it ends
+        (see :class:`~minismtp.events.Disconnect`); what it returns is ignored."""
+        self._disconnect_hooks.append(hook)
         return hook
 
     def on_message(self, hook: MessageHookT) -> MessageHookT:
@@ -348,6 +358,13 @@ class App:
                 return reply
         return await self._accept(event)
 
+    async def _on_disconnect(self, event: Disconnect) -> Reply:
+        for hook in self._disconnect_hooks:
+            result = hook(event.session)
+            if inspect.isawaitable(result):
+                await result
+        return DISCONNECTED
+
     # -- the terminal handler -----------------------------------------------------------------
 
     def build_message(self, event: Data) -> Message:
@@ -383,10 +400,7 @@ class App:
             logger.exception("could not hand over message %s; answered 451", message.id)
             return LOCAL_ERROR
         event.transaction.message_id = message.id
-        if self._watchers:
-            watcher = self._watchers.get(event.session)
-            if watcher is not None:
-                watcher(message)
+        event.transaction.message = message
         if logger.isEnabledFor(logging.DEBUG):
             # DEBUG: the server logs one INFO line per transaction, with the reply and timing.
             logger.debug(

@@ -34,7 +34,7 @@ from typing import Any
 import anyio
 import attrs
 
-from minismtp.events import Connect, Event, Mail
+from minismtp.events import Connect, Disconnect, Event, Mail
 from minismtp.host import FastPath, Host, ServableApp
 from minismtp.ids import new_id
 from minismtp.logs import InfoLine
@@ -199,9 +199,9 @@ class Connection:
                     self._app_saw_connect = True
                     reply = await app(step)
                     engine.respond(reply)
-                    delay = session.extras.get("greeting_delay")
-                    if delay and self.hold_greeting and 200 <= reply.code < 300:
-                        await self._delay_greeting(float(delay))
+                    delay = session.greeting_delay
+                    if delay > 0 and self.hold_greeting and 200 <= reply.code < 300:
+                        await self._delay_greeting(delay)
                 elif isinstance(step, StartTLS):
                     await self._send(engine.data_to_send())
                     if not await self._start_tls():
@@ -225,6 +225,13 @@ class Connection:
         if not engine.closed:
             engine.close()
         self.transactions_ended()
+        if not self._app_saw_connect:
+            return
+        self._app_saw_connect = False  # exactly once
+        # Shielded: a connection cancelled at shutdown still tells the App; bounded: a hook
+        # that hangs does not hold the shutdown.
+        with anyio.move_on_after(self.host.config.shutdown_cancel_after, shield=True):
+            await self.host.app(Disconnect(engine.session))
 
     def _advance(self) -> _Step:
         """Drive the engine as far as it goes without waiting.

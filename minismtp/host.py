@@ -22,13 +22,27 @@ if TYPE_CHECKING:
     from minismtp.connection import Connection
 
 
-class ServableApp(Protocol):
-    """What the server needs of an App (:class:`minismtp.app.App` is one)."""
+class SessionApp(Protocol):
+    """What a connection needs of the App: its name, its limits, and answers to events."""
+
+    @property
+    def hostname(self) -> str: ...
+
+    @property
+    def limits(self) -> Limits: ...
+
+    async def __call__(self, event: Event, /) -> Reply: ...
+
+
+class ServableApp(SessionApp, Protocol):
+    """What the server needs of an App (:class:`minismtp.app.App` is one).
+
+    ``serving()`` is the App's serving period; ``messages`` its channel (``Server.mail_rx``).
+    The CLI sets the name and the limits from its options.
+    """
 
     hostname: str
     limits: Limits
-
-    async def __call__(self, event: Event, /) -> Reply: ...
 
     def serving(self) -> AbstractAsyncContextManager[Any]: ...
 
@@ -41,7 +55,7 @@ class Host(Protocol):
     test client). Read-only to the driver, except the counters in ``metrics``."""
 
     @property
-    def app(self) -> ServableApp: ...
+    def app(self) -> SessionApp: ...
 
     @property
     def config(self) -> ServerConfig: ...
@@ -76,4 +90,4 @@ class FastPath(Protocol):
     def detach(self) -> None: ...
 
 
-__all__ = ["FastPath", "Host", "ServableApp"]
+__all__ = ["FastPath", "Host", "ServableApp", "SessionApp"]

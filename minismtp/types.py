@@ -177,6 +177,10 @@ class Session:
     tls: TLSInfo | None = None
     transactions: int = 0
     extras: dict[str, Any] = attrs.field(factory=dict)
+    #: Seconds the server holds the greeting back after the App accepted the connection; a
+    #: client that talks meanwhile is refused (``554 5.5.1``, RFC 5321 4.3.1: the client
+    #: waits for the greeting). Set at Connect (``contrib.early_talker.EarlyTalker``).
+    greeting_delay: float = 0.0
 
     @property
     def peer_host(self) -> str:
@@ -208,6 +212,9 @@ class Transaction:
     size: int = 0  # octets of content, once it is complete
     reply_code: int | None = None  # the reply that ended it; None while open, or if abandoned
     message_id: str | None = None  # the id of the message the App accepted from it
+    #: The message the App accepted from it (handed over), once the Data event is answered:
+    #: a middleware (or the test client) sees what was accepted after ``await self.app(event)``.
+    message: Message | None = None
 
     @property
     def declared_size(self) -> int | None:

@@ -321,7 +321,7 @@ async def test_greeting_delay_refuses_a_client_that_talks_first_rfc5321_4_3_1(
 ) -> None:
     @app.on_connect
     def hold_greeting(session: Session) -> None:
-        session.extras["greeting_delay"] = 10.0
+        session.greeting_delay = 10.0
 
     async with connect(server.port) as client:
         with anyio.fail_after(5):
@@ -336,7 +336,7 @@ async def test_greeting_delay_serves_a_client_that_waits(
 ) -> None:
     @app.on_connect
     def hold_greeting(session: Session) -> None:
-        session.extras["greeting_delay"] = 0.2
+        session.greeting_delay = 0.2
 
     async with connect(server.port) as client:
         started = time.monotonic()
