@@ -7,7 +7,8 @@ from typing import Literal
 
 import attrs
 
-from minismtp.proxy import LOOPBACK, IPNetwork
+from minismtp.net import IPNetwork
+from minismtp.proxy import LOOPBACK
 
 
 def _inline_default() -> bool:

@@ -20,12 +20,13 @@ import enum
 import ipaddress
 import re
 import struct
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import attrs
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from minismtp.net import IPNetwork, parse_ip
+from minismtp.net import parse_networks as parse_networks  # --proxy-trusted's parser
 
 V1_PREFIX = b"PROXY "
 V1_MAX_LENGTH = 107  # "PROXY UNKNOWN" + two full IPv6 addresses and ports + CRLF, as specified
@@ -341,27 +342,8 @@ def is_trusted(peer_ip: str, networks: Sequence[IPNetwork] = LOOPBACK) -> bool:
     An IPv4-mapped IPv6 peer (``::ffff:10.0.0.1``, as a dual-stack socket reports it) is
     checked as the IPv4 address it is. Anything that is not an IP address is not trusted.
     """
-    try:
-        address = ipaddress.ip_address(peer_ip)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)
-
-
-def parse_networks(values: Iterable[str]) -> tuple[IPNetwork, ...]:
-    """Networks from CIDR strings (``--proxy-trusted``); a bare address is a single host.
-
-    Host bits set (``10.1.2.3/8``) are refused: that is more often a typo than a wish.
-    """
-    networks = []
-    for value in values:
-        try:
-            networks.append(ipaddress.ip_network(value.strip()))
-        except ValueError as exc:
-            raise ValueError(f"not a network in CIDR notation: {value!r} ({exc})") from None
-    return tuple(networks)
+    address = parse_ip(peer_ip)
+    return address is not None and any(address in network for network in networks)
 
 
 async def read_proxy_header(
