@@ -17,7 +17,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Generic, ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import anyio
 import attrs
@@ -27,6 +27,7 @@ from minismtp.events import Connect, Data, Disconnect, Event, Handler, Helo, Mai
 from minismtp.ids import new_id
 from minismtp.maildir import Maildir
 from minismtp.metrics import Metrics
+from minismtp.middleware import Middleware, MiddlewareFactory, acts_on, next_for_each_event
 from minismtp.protocol import Limits
 from minismtp.received import received_header
 from minismtp.types import Address, Message, Reply, Session, Transaction, queued_reply
@@ -38,8 +39,7 @@ logger = logging.getLogger("minismtp.app")
 LOCAL_ERROR = Reply(451, "4.3.0", "Requested action aborted: local error in processing")
 MAIL_OK = Reply(250, "2.1.0", "OK")
 RCPT_OK = Reply(250, "2.1.5", "OK")
-# The App's answer to Disconnect, which nobody sends: the connection is gone.
-DISCONNECTED = Reply(221, "2.0.0", "Closed")
+DISCONNECTED = Reply(221, "2.0.0", "Closed")  # the answer to Disconnect, which nobody sends
 
 HookResult = Reply | Awaitable[Reply | None] | None
 ConnectHook = Callable[[Session], HookResult]
@@ -48,7 +48,6 @@ MailHook = Callable[[Transaction, Address], HookResult]
 RcptHook = Callable[[Transaction, Address], HookResult]
 DataHook = Callable[[Transaction, bytes], HookResult]
 MessageHook = Callable[[Message], Awaitable[None] | None]
-DisconnectHook = Callable[[Session], Awaitable[None] | None]
 LifespanHook = Callable[[], Awaitable[None] | None]
 
 ConnectHookT = TypeVar("ConnectHookT", bound=ConnectHook)
@@ -57,51 +56,9 @@ MailHookT = TypeVar("MailHookT", bound=MailHook)
 RcptHookT = TypeVar("RcptHookT", bound=RcptHook)
 DataHookT = TypeVar("DataHookT", bound=DataHook)
 MessageHookT = TypeVar("MessageHookT", bound=MessageHook)
-DisconnectHookT = TypeVar("DisconnectHookT", bound=DisconnectHook)
 LifespanHookT = TypeVar("LifespanHookT", bound=LifespanHook)
 
 P = ParamSpec("P")
-
-
-class MiddlewareFactory(Protocol[P]):
-    """A middleware class: ``Middleware(app, **options)`` gives a handler wrapping ``app``.
-
-    The class may say which events it acts on, as a class attribute: ``acts_on = (Rcpt,)``.
-    It then passes every other event to ``app`` unchanged, and the App sends those past it.
-    """
-
-    def __call__(self, app: Handler, /, *args: P.args, **kwargs: P.kwargs) -> Handler: ...
-
-
-@attrs.frozen
-class _Middleware(Generic[P]):
-    factory: MiddlewareFactory[P]
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    acts_on: tuple[type[Event], ...] | None  # None: every event
-
-
-def _acts_on(middleware: object) -> tuple[type[Event], ...] | None:
-    declared = getattr(middleware, "acts_on", None)
-    if declared is None:
-        return None
-    if not (
-        isinstance(declared, tuple)
-        and declared
-        and all(isinstance(kind, type) and issubclass(kind, Event) for kind in declared)
-    ):
-        raise TypeError(f"{middleware!r}: acts_on must be a tuple of event classes")
-    return declared
-
-
-def _next_for_each_event(handlers: dict[type[Event], Handler], default: Handler) -> Handler:
-    """What a middleware awaits as its ``app`` when the handlers below it differ by event."""
-    handler_for = handlers.get
-
-    def next_handler(event: Event) -> Awaitable[Reply]:
-        return handler_for(type(event), default)(event)
-
-    return next_handler
 
 
 async def _resolve(result: Reply | Awaitable[Reply | None] | None) -> Reply | None:
@@ -158,10 +115,10 @@ class App:
         self._rcpt_hooks: list[RcptHook] = []
         self._data_hooks: list[DataHook] = []
         self._message_hooks: list[MessageHook] = []
-        self._disconnect_hooks: list[DisconnectHook] = []
+        self._disconnect_hooks: list[ConnectHook] = []
         self._startup_hooks: list[LifespanHook] = []
         self._shutdown_hooks: list[LifespanHook] = []
-        self._middleware: list[_Middleware[Any]] = []
+        self._middleware: list[Middleware[Any]] = []
         # Built at the first event: the stack per event class, and for any other class.
         self._stacks: dict[type[Event], Handler] = {}
         self._stack: Handler | None = None
@@ -209,7 +166,7 @@ class App:
         """Wrap the App in ``middleware(app, **options)``; the last added runs first."""
         if self._stack is not None:
             raise RuntimeError("cannot add middleware after the App has started handling events")
-        self._middleware.append(_Middleware(middleware, args, options, _acts_on(middleware)))
+        self._middleware.append(Middleware(middleware, args, options, acts_on(middleware)))
 
     def on_connect(self, hook: ConnectHookT) -> ConnectHookT:
         """``hook(session)`` for each new connection; a Reply refuses it (e.g. 554)."""
@@ -239,7 +196,7 @@ class App:
         self._data_hooks.append(hook)
         return hook
 
-    def on_disconnect(self, hook: DisconnectHookT) -> DisconnectHookT:
+    def on_disconnect(self, hook: ConnectHookT) -> ConnectHookT:
         """``hook(session)`` once for each connection that got ``on_connect``, when it ends
         (see :class:`~minismtp.events.Disconnect`); what it returns is ignored."""
         self._disconnect_hooks.append(hook)
@@ -298,7 +255,7 @@ class App:
             if all(handler is stack for handler in stacks.values()):
                 app = stack
             else:
-                app = _next_for_each_event(dict(stacks), stack)
+                app = next_for_each_event(dict(stacks), stack)
             handler = middleware.factory(app, *middleware.args, **middleware.kwargs)
             for kind in stacks:
                 if middleware.acts_on is None or issubclass(kind, middleware.acts_on):
@@ -360,9 +317,7 @@ class App:
 
     async def _on_disconnect(self, event: Disconnect) -> Reply:
         for hook in self._disconnect_hooks:
-            result = hook(event.session)
-            if inspect.isawaitable(result):
-                await result
+            await _resolve(hook(event.session))
         return DISCONNECTED
 
     # -- the terminal handler -----------------------------------------------------------------
