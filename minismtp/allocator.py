@@ -5,8 +5,8 @@ such blocks are freed, to 32 MiB at most) and hands freed memory back to the sys
 as 128 KiB of it lie free at the top of the heap. A server receiving large messages allocates
 and frees blocks of megabytes all the time (each read, the unstuffed content, the message), so
 each time the pages are mapped anew and fault on their first touch: about a tenth of the CPU
-that a dot-stuffed 10 MB message costs on uvloop and on trio (``tests/bench`` on 29 November
-2026: 2.7 against 3.2 ms per MB on uvloop, 2.9 against 3.3 on trio).
+that a dot-stuffed 10 MB message costs on uvloop and on trio (figures in
+``tests/bench/README.md``).
 
 ``minismtp run`` therefore fixes the threshold at 32 MiB and trims only past 64 MiB free, so
 a message's blocks come from the heap and are used again by the next message. The cost: up

@@ -202,7 +202,7 @@ class Accept:
     """The asyncio path's accept, called from each new ``ProtocolWire``'s ``connection_made``.
 
     Each session runs in a plain asyncio task, not one of a task group's: anyio's bookkeeping
-    (a handle, a cancel scope and an event per task) would cost 2 KB per connection, and the
+    (a handle, a cancel scope and an event per task) would cost memory per connection, and the
     server ends every session itself (its ``stop()`` waits for them all).
     """
 

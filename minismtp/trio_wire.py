@@ -41,17 +41,17 @@ class TrioSocketWire:
     read costs one system call, where waiting for readiness costs an ``epoll_ctl`` more and
     trying first (trio's sockets) a failed ``recv`` more. Only a read that finds the socket
     empty waits for readiness (on Linux through :mod:`minismtp.trio_readiness`: no system
-    call per wait, and ~700 bytes less per idle connection); the next one tries again
-    (waiting first for a few reads after an empty one made a wait out of 60% of the reads
-    under load, at about 3 µs more each than a yield, where the empty reads it saved cost
-    about 7 µs each but were 5-15% of them).
+    call per wait, and less memory per idle connection); the next one tries again, as
+    waiting first after an empty read turned most reads into waits under load (the figures
+    behind these choices are in ``tests/bench/README.md``).
+
     A write goes out at once, without yielding (the session yields at its next read), and
     waits only while the kernel's buffer is full, so memory stays bounded by one batch of
     replies. Yields and waits are trio's checkpoints: the connection's cancel scope
     interrupts a read or a blocked write. The wire holds the accepted socket alone (anyio's
-    stream over it, two trio objects and their guards, cost ~500 bytes per connection); a
-    TLS handshake wraps it in anyio's stream then, and the bytes go through anyio's TLS
-    stream over the same socket.
+    stream over it would add two trio objects and their guards per connection); a TLS
+    handshake wraps it in anyio's stream then, and the bytes go through anyio's TLS stream
+    over the same socket.
     """
 
     _socket: socket.socket
@@ -224,7 +224,7 @@ async def accept_sockets(
 
 async def session_nursery(stopped: anyio.Event, *, task_status: TaskStatus[StartSession]) -> None:
     """Where the sessions run on trio: a nursery of the server's own, without anyio's
-    per-task bookkeeping (a handle and a wrapping coroutine, ~1.4 KB per connection).
+    per-task bookkeeping (a handle and a wrapping coroutine per connection).
     It stays open until ``stopped`` (the server has seen every session end)."""
     import trio
 

@@ -126,9 +126,8 @@ class StreamWire:
 
 def next_read_size(read_size: int, got: int) -> int:
     """While reads come back full (a message streaming in), ask for four times as much:
-    fewer, larger reads cost less per megabyte (10 MB messages on trio: about 0.4 ms/MB less
-    CPU); otherwise the usual size (0: ``read_size``), as a small read of a large size costs
-    more in malloc."""
+    fewer, larger reads cost less CPU per megabyte; otherwise the usual size (0:
+    ``read_size``), as a small read of a large size costs more in malloc."""
     return 4 * read_size if got >= read_size else 0
 
 
