@@ -48,14 +48,7 @@ from minismtp.app import App
 from minismtp.config import ServerConfig
 from minismtp.connection import Connection, FastPath, ServableApp, serve_connection
 from minismtp.metrics import Metrics
-from minismtp.replies import (  # also importable from here, as before the split
-    DATA_TOO_SLOW,
-    IDLE_TIMEOUT,
-    SESSION_TOO_LONG,
-    SHUTTING_DOWN,
-    TALKED_FIRST,
-    TOO_MANY_CONNECTIONS,
-)
+from minismtp.replies import SHUTTING_DOWN
 from minismtp.tls import TLSConfig
 from minismtp.types import Message
 from minismtp.wires import StartSession, Wire, accept_streams, peer_address
@@ -425,12 +418,6 @@ class SmtpServer:
 
 
 __all__: Sequence[str] = [
-    "DATA_TOO_SLOW",
-    "IDLE_TIMEOUT",
-    "SESSION_TOO_LONG",
-    "SHUTTING_DOWN",
-    "TALKED_FIRST",
-    "TOO_MANY_CONNECTIONS",
     "ServableApp",
     "Server",
     "ServerConfig",

@@ -117,7 +117,7 @@ async def test_shutdown_of_an_idle_session(app: App, connect: ConnectTo, seen: S
         await seen.one_disconnect()
 
 
-async def test_shutdown_that_cancels_a_hanging_hook(
+async def test_shutdown_cancels_a_session_stuck_in_a_hook(
     app: App, connect: ConnectTo, seen: Seen
 ) -> None:
     entered = anyio.Event()
@@ -135,6 +135,8 @@ async def test_shutdown_that_cancels_a_hanging_hook(
             with anyio.fail_after(5):
                 await entered.wait()
                 await server.stop()
+                assert server.connections == 0
+                assert await client.at_eof()
             await seen.one_disconnect()
     assert seen.abandoned_at_disconnect == [1]
 
