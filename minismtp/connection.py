@@ -39,7 +39,7 @@ from minismtp.host import FastPath, Host, ServableApp
 from minismtp.ids import new_id
 from minismtp.logs import InfoLine
 from minismtp.protocol import NEED_DATA, Closed, Engine, NeedData, StartTLS
-from minismtp.proxy import ProxyError, is_trusted, read_proxy_header
+from minismtp.proxy import proxy_addresses
 from minismtp.replies import (
     DATA_TOO_SLOW,
     IDLE_TIMEOUT,
@@ -446,9 +446,13 @@ async def serve_connection(
     """
     connection: Connection | None = None
     try:
-        if host.config.proxy_protocol:
-            addresses = await _read_proxy_header(host, wire, peer, local)
+        config = host.config
+        if config.proxy_protocol:
+            addresses = await proxy_addresses(
+                wire, peer, local, config.proxy_trusted, config.proxy_timeout
+            )
             if addresses is None:
+                host.metrics.proxy_errors += 1
                 return
             peer, local = addresses
         connection = Connection.new(host, wire, peer, local, fast_path=fast_path)
@@ -469,31 +473,6 @@ async def serve_connection(
                 log.exception("session from %s: ending it failed", peer[0])
         with anyio.CancelScope(shield=True):
             await wire.aclose()
-
-
-async def _read_proxy_header(
-    host: Host, wire: Wire, peer: tuple[str, int], local: tuple[str, int]
-) -> tuple[tuple[str, int], tuple[str, int]] | None:
-    """The PROXY protocol step, before the engine and before any TLS handshake.
-
-    Gives the client's address and the one it connected to, as the proxy says; or None
-    when the connection is to be closed without a greeting (logged). Whatever followed the
-    header goes back to the wire, for the engine or the implicit TLS handshake.
-    """
-    config = host.config
-    if not is_trusted(peer[0], config.proxy_trusted):
-        host.metrics.proxy_errors += 1
-        log.warning("connection from %s closed: not a trusted proxy (--proxy-trusted)", peer[0])
-        return None
-    try:
-        header, rest = await read_proxy_header(wire.receive, config.proxy_timeout)
-    except (ProxyError, anyio.ClosedResourceError, OSError) as exc:
-        host.metrics.proxy_errors += 1
-        log.info("connection from %s closed: %s", peer[0], exc)
-        return None
-    if rest:
-        wire.unread(rest)
-    return header.peer(peer), header.local(local)
 
 
 __all__ = ["Connection", "FastPath", "Host", "ServableApp", "serve_connection"]
