@@ -265,16 +265,15 @@ class Connection:
 
     # -- the fast path's entry (see FastPath) -------------------------------------------------
 
-    @property
-    def waiting_inline(self) -> bool:
-        """The task waits for the client's bytes, and the fast path may feed it instead."""
-        return self._waiting_inline and self._closing is None
-
-    def feed_nowait(self, data: bytes) -> bool:
-        """Take ``data`` (only while :attr:`waiting_inline`) and go on as far as that needs
-        no waiting: the usual command, its App call and the reply. True when the task must
-        now be woken for what is left (``_step``); False when it goes on waiting to read.
-        Never raises: an exception becomes the task's step, raised there."""
+    def feed_nowait(self, data: bytes) -> bool | None:
+        """Take ``data`` while the task waits to read, and go on as far as that needs no
+        waiting: the usual command, its App call and the reply. None: not taken (the task
+        is not waiting in a read the fast path may feed, or the session is ending): the task
+        will read it. False: taken, and the task goes on waiting to read. True: taken, and
+        the task must now be woken for what is left (its step). Never raises: an exception
+        becomes the task's step, raised there."""
+        if not self._waiting_inline or self._closing is not None:
+            return None
         wire = self.wire
         try:
             self._end_read(data)

@@ -12,7 +12,7 @@ rest of the server knows the fast path only as a :class:`~minismtp.connection.Fa
 Invariants:
 
 1. It runs only while the connection's task is suspended in ``wire.receive()`` with nothing
-   queued (``ProtocolWire.data_received`` checks; :attr:`Connection.waiting_inline` too), so
+   queued (``ProtocolWire.data_received`` checks; ``Connection.feed_nowait`` too), so
    the task's own code and the fast path never run at the same time, and bytes are fed to the
    engine in the order they came.
 2. The code it runs sees what it would see in the task: ``asyncio.current_task()`` is the
@@ -95,22 +95,21 @@ class InlinePath:
     def _read(self, data: bytes) -> bool:
         """Offered each chunk by the wire; False: not taken, the task will read it."""
         connection, task, loop = self._connection, self._task, self._loop
-        if connection is None or task is None or not connection.waiting_inline:
+        if connection is None or task is None or loop is None:
             return False
-        assert _enter_task is not None and _leave_task is not None and loop is not None
         try:
-            _enter_task(loop, task)
+            _enter_task(loop, task)  # type: ignore[misc]  # AVAILABLE, or no InlinePath
         except RuntimeError:  # called from within some task after all: the usual way then
             return False
         try:
-            wake = self.context.run(connection.feed_nowait, data)
+            taken = self.context.run(connection.feed_nowait, data)
         except RuntimeError:  # the context is entered already: invariant 1 was broken
             return False
         finally:
-            _leave_task(loop, task)
-        if wake:
+            _leave_task(loop, task)  # type: ignore[misc]
+        if taken:
             self.wire.wake()
-        return True
+        return taken is not None
 
 
 __all__ = ["AVAILABLE", "InlinePath", "start_task"]

@@ -80,7 +80,9 @@ class Server:
     _listeners: list[tuple[SocketListener, bool]] = attrs.field(factory=list)
     _connections: set[Connection] = attrs.field(factory=set)
     _active: int = 0  # accepted and not yet closed, TLS handshakes included
-    _stopping: bool = False
+    #: True once :meth:`stop` has begun (read it, do not set it). A plain attribute, not a
+    #: property: every connection looks at it before each event.
+    stopping: bool = attrs.field(default=False, init=False)
     _stopped: anyio.Event = attrs.field(factory=anyio.Event)
     _idle: anyio.Event | None = None
     _accepting: anyio.CancelScope | None = None
@@ -109,10 +111,6 @@ class Server:
         """Connections open right now."""
         return self._active
 
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
-
     def reload_tls(self) -> bool:
         """Read the certificate and key again for new connections (the CLI's SIGHUP)."""
         return self.tls.reload() if self.tls is not None else False
@@ -124,10 +122,10 @@ class Server:
         transaction may finish it within ``grace`` seconds (``config.shutdown_grace`` by
         default), then it gets the 421 too. Calling it again waits for the first call.
         """
-        if self._stopping:
+        if self.stopping:
             await self._stopped.wait()
             return
-        self._stopping = True
+        self.stopping = True
         grace = self.config.shutdown_grace if grace is None else grace
         try:
             if self._accepting is not None:
