@@ -46,7 +46,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from minismtp.app import App
 from minismtp.config import ServerConfig
-from minismtp.connection import Connection, FastPath, ServableApp, serve_connection
+from minismtp.connection import Connection, serve_connection
+from minismtp.host import FastPath, ServableApp
 from minismtp.metrics import Metrics
 from minismtp.replies import SHUTTING_DOWN
 from minismtp.tls import TLSConfig
