@@ -1,4 +1,5 @@
-"""Helpers shared by the contrib middleware: client addresses, networks, a bounded map.
+"""Helpers shared by the contrib middleware: client keys and a bounded map (addresses and
+networks are :mod:`minismtp.net`'s).
 
 Client addresses are grouped the way mail operators count them: an IPv4 client by its
 address (or its /24 for greylisting, as big senders retry from a neighbouring address), an
@@ -10,28 +11,15 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 import attrs
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from minismtp.net import parse_ip
 
 K = TypeVar("K")
 V = TypeVar("V")
-
-
-def parse_ip(host: str) -> IPAddress | None:
-    """The IP address of a peer host, IPv4-mapped IPv6 unwrapped; None if it is not an IP
-    (a UNIX socket path, an empty peer)."""
-    try:
-        address = ipaddress.ip_address(host.partition("%")[0])  # drop an IPv6 zone id
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 def client_key(host: str, *, ipv4_prefix: int = 32, ipv6_prefix: int = 64) -> str:
@@ -44,15 +32,6 @@ def client_key(host: str, *, ipv4_prefix: int = 32, ipv6_prefix: int = 64) -> st
     if prefix == address.max_prefixlen:
         return str(address)
     return str(ipaddress.ip_network((address, prefix), strict=False))
-
-
-def parse_networks(networks: Iterable[str | IPNetwork]) -> tuple[IPNetwork, ...]:
-    """CIDR strings (``192.0.2.0/24``, ``2001:db8::/32``, or a single address) as networks.
-
-    Host bits must be zero (``192.0.2.1/24`` is a ValueError): a typo there would silently
-    match a different network than the operator meant.
-    """
-    return tuple(n if isinstance(n, IPNetwork) else ipaddress.ip_network(n) for n in networks)
 
 
 def _at_least_one(_: object, __: object, value: int) -> None:

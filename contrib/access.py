@@ -6,9 +6,8 @@ import logging
 from collections.abc import Iterable
 
 from minismtp.events import Connect, Event, Handler
+from minismtp.net import IPNetwork, parse_ip, parse_networks
 from minismtp.types import Reply
-
-from ._net import IPNetwork, parse_ip, parse_networks
 
 __all__ = ["ClientAccess"]
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections.abc import Callable
 
 import attrs
 
-from minismtp.events import Connect, Event, Handler
+from minismtp.events import Connect, Disconnect, Event, Handler
 from minismtp.types import Reply
 
 from ._net import BoundedMap, client_key
@@ -44,13 +43,13 @@ class ConnectionLimit:
     are kept for at most ``max_clients`` clients, the least recently seen forgotten first
     (a forgotten client starts again with a full bucket).
 
-    A connection counts until its :class:`~minismtp.types.Session` is gone: the middleware
-    API has no disconnect event, so a weak-reference finalizer on the session releases the
-    slot when the server drops the session, as soon as the connection has closed.
-    ``clock`` (monotonic seconds) is injectable for tests.
+    A connection counts from its ``Connect`` to its ``Disconnect`` event, which the server
+    sends for every connection on every path (before it closes the socket, so the slot is
+    free by the time the client sees the close). ``clock`` (monotonic seconds) is injectable
+    for tests.
     """
 
-    acts_on = (Connect,)
+    acts_on = (Connect, Disconnect)
 
     def __init__(
         self,
@@ -69,6 +68,7 @@ class ConnectionLimit:
         self.per_ip_per_minute = per_ip_per_minute
         self.clock = clock
         self._open: dict[str, int] = {}
+        self._counted: dict[str, str] = {}  # session id -> its client's key, while it counts
         self._buckets: BoundedMap[str, _Bucket] = BoundedMap(max_clients)
 
     def open_connections(self, host: str) -> int:
@@ -88,8 +88,12 @@ class ConnectionLimit:
                 log.info("session %s from %s: %s", event.session.id, key, refusal)
                 return refusal
             self._open[key] = self._open.get(key, 0) + 1
-            finalizer = weakref.finalize(event.session, self._release, key)
-            finalizer.atexit = False
+            self._counted[event.session.id] = key
+        elif isinstance(event, Disconnect):
+            counted = self._counted.get(event.session.id)
+            if counted is not None:
+                del self._counted[event.session.id]
+                self._release(counted)
         return await self.app(event)
 
     def _admit(self, key: str) -> Reply | None:

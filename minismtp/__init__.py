@@ -6,7 +6,17 @@ The public API lives here; everything else is in modules named for what they hol
 """
 
 from minismtp.app import App
-from minismtp.events import Connect, Data, DataChunk, Event, Handler, Helo, Mail, Rcpt
+from minismtp.events import (
+    Connect,
+    Data,
+    DataChunk,
+    Disconnect,
+    Event,
+    Handler,
+    Helo,
+    Mail,
+    Rcpt,
+)
 from minismtp.message import Message
 from minismtp.protocol import Limits
 from minismtp.server import Server, SmtpServer, serve
@@ -22,6 +32,7 @@ __all__ = [
     "Connect",
     "Data",
     "DataChunk",
+    "Disconnect",
     "Event",
     "Handler",
     "Helo",

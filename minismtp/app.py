@@ -20,17 +20,29 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Generic, ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import anyio
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from minismtp import spool
-from minismtp.events import Connect, Data, DataChunk, Event, Handler, Helo, Mail, Piece, Rcpt
+from minismtp.events import (
+    Connect,
+    Data,
+    DataChunk,
+    Disconnect,
+    Event,
+    Handler,
+    Helo,
+    Mail,
+    Piece,
+    Rcpt,
+)
 from minismtp.ids import new_id
 from minismtp.message import Message
 from minismtp.metrics import Metrics
+from minismtp.middleware import Middleware, MiddlewareFactory, acts_on, next_for_each_event
 from minismtp.protocol import Limits
 from minismtp.received import received_header
 from minismtp.spool import Spool
@@ -48,6 +60,7 @@ RCPT_OK = Reply(250, "2.1.5", "OK")
 CHUNK_OK = Reply(250, "2.0.0", "OK")  # a DataChunk taken: the engine sends nothing for it
 #: The answer when a chunk cannot be spooled (a full disk): the client keeps the message.
 INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
+DISCONNECTED = Reply(221, "2.0.0", "Closed")  # the answer to Disconnect, which nobody sends
 
 HookResult = Reply | Awaitable[Reply | None] | None
 ConnectHook = Callable[[Session], HookResult]
@@ -69,47 +82,6 @@ MessageHookT = TypeVar("MessageHookT", bound=MessageHook)
 LifespanHookT = TypeVar("LifespanHookT", bound=LifespanHook)
 
 P = ParamSpec("P")
-
-
-class MiddlewareFactory(Protocol[P]):
-    """A middleware class: ``Middleware(app, **options)`` gives a handler wrapping ``app``.
-
-    The class may say which events it acts on, as a class attribute: ``acts_on = (Rcpt,)``.
-    It then passes every other event to ``app`` unchanged, and the App sends those past it.
-    """
-
-    def __call__(self, app: Handler, /, *args: P.args, **kwargs: P.kwargs) -> Handler: ...
-
-
-@attrs.frozen
-class _Middleware(Generic[P]):
-    factory: MiddlewareFactory[P]
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    acts_on: tuple[type[Event], ...] | None  # None: every event
-
-
-def _acts_on(middleware: object) -> tuple[type[Event], ...] | None:
-    declared = getattr(middleware, "acts_on", None)
-    if declared is None:
-        return None
-    if not (
-        isinstance(declared, tuple)
-        and declared
-        and all(isinstance(kind, type) and issubclass(kind, Event) for kind in declared)
-    ):
-        raise TypeError(f"{middleware!r}: acts_on must be a tuple of event classes")
-    return declared
-
-
-def _next_for_each_event(handlers: dict[type[Event], Handler], default: Handler) -> Handler:
-    """What a middleware awaits as its ``app`` when the handlers below it differ by event."""
-    handler_for = handlers.get
-
-    def next_handler(event: Event) -> Awaitable[Reply]:
-        return handler_for(type(event), default)(event)
-
-    return next_handler
 
 
 async def _resolve(result: Reply | Awaitable[Reply | None] | None) -> Reply | None:
@@ -180,9 +152,10 @@ class App:
         self._data_chunk_hooks: list[DataChunkHook] = []
         self._data_hooks: list[DataHook] = []
         self._message_hooks: list[MessageHook] = []
+        self._disconnect_hooks: list[ConnectHook] = []
         self._startup_hooks: list[LifespanHook] = []
         self._shutdown_hooks: list[LifespanHook] = []
-        self._middleware: list[_Middleware[Any]] = []
+        self._middleware: list[Middleware[Any]] = []
         # Built at the first event: the stack per event class, and for any other class.
         self._stacks: dict[type[Event], Handler] = {}
         self._stack: Handler | None = None
@@ -193,6 +166,7 @@ class App:
             Rcpt: self._on_rcpt,
             DataChunk: self._on_data_chunk,
             Data: self._on_data,
+            Disconnect: self._on_disconnect,
         }
         self._send: MemoryObjectSendStream[Message]
         self._receive: MemoryObjectReceiveStream[Message]
@@ -200,8 +174,6 @@ class App:
         #: Counters and gauges of this App's server (hook errors are counted here).
         self.metrics = Metrics(channel_depth=self._channel_depth)
         self._serving = False
-        # Callbacks told of each message accepted in a given session (the test client's).
-        self._watchers: dict[Session, Callable[[Message], None]] = {}
 
     # -- configuration ------------------------------------------------------------------------
 
@@ -237,7 +209,7 @@ class App:
         """Wrap the App in ``middleware(app, **options)``; the last added runs first."""
         if self._stack is not None:
             raise RuntimeError("cannot add middleware after the App has started handling events")
-        self._middleware.append(_Middleware(middleware, args, options, _acts_on(middleware)))
+        self._middleware.append(Middleware(middleware, args, options, acts_on(middleware)))
 
     def on_connect(self, hook: ConnectHookT) -> ConnectHookT:
         """``hook(session)`` for each new connection; a Reply refuses it (e.g. 554)."""
@@ -277,6 +249,12 @@ class App:
         hand-over: a refusal, or a 2xx to accept and discard.
         """
         self._data_hooks.append(hook)
+        return hook
+
+    def on_disconnect(self, hook: ConnectHookT) -> ConnectHookT:
+        """``hook(session)`` once for each connection that got ``on_connect``, when it ends
+        (see :class:`~minismtp.events.Disconnect`); what it returns is ignored."""
+        self._disconnect_hooks.append(hook)
         return hook
 
     def on_message(self, hook: MessageHookT) -> MessageHookT:
@@ -332,7 +310,7 @@ class App:
             if all(handler is stack for handler in stacks.values()):
                 app = stack
             else:
-                app = _next_for_each_event(dict(stacks), stack)
+                app = next_for_each_event(dict(stacks), stack)
             handler = middleware.factory(app, *middleware.args, **middleware.kwargs)
             for kind in stacks:
                 if middleware.acts_on is None or issubclass(kind, middleware.acts_on):
@@ -417,6 +395,11 @@ class App:
                 return reply
         return await self._accept(event, message)
 
+    async def _on_disconnect(self, event: Disconnect) -> Reply:
+        for hook in self._disconnect_hooks:
+            await _resolve(hook(event.session))
+        return DISCONNECTED
+
     # -- the terminal handler -----------------------------------------------------------------
 
     def build_message(self, session: Session, transaction: Transaction) -> Message:
@@ -463,10 +446,6 @@ class App:
             logger.exception("could not hand over message %s; answered 451", message.id)
             return LOCAL_ERROR
         event.transaction.message_id = message.id
-        if self._watchers:
-            watcher = self._watchers.get(event.session)
-            if watcher is not None:
-                watcher(message)
         if logger.isEnabledFor(logging.DEBUG):
             # DEBUG: the server logs one INFO line per transaction, with the reply and timing.
             logger.debug(

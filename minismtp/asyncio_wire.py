@@ -1,4 +1,4 @@
-"""The asyncio and uvloop path's wire: a plain ``asyncio.Protocol``.
+"""The asyncio and uvloop path: a plain ``asyncio.Protocol`` as the wire, and its accept.
 
 A module of its own so that trio never imports asyncio (about 1.4 MB of memory).
 """
@@ -7,17 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import socket
 import ssl
 from collections.abc import Callable
-from typing import Any, ClassVar, cast
+from typing import cast
 
 import anyio
+import attrs
 
+from minismtp.replies import TOO_MANY_CONNECTIONS
 from minismtp.tls import TLSConfig, TLSHandshakeFailed, tls_info
 from minismtp.types import TLSInfo
+from minismtp.wires import Acceptor, peer_address
 
-_enter_task = getattr(asyncio.tasks, "_enter_task", None)
-_leave_task = getattr(asyncio.tasks, "_leave_task", None)
+# Connections the kernel may queue before accept(), as in anyio's listeners. create_server()
+# listens again, by default with a queue of 100: too short for a burst of clients (a full
+# queue drops handshakes, and a client whose last ACK was dropped waits for a greeting that
+# never comes).
+BACKLOG = 65536
 
 
 class ProtocolWire(asyncio.Protocol):
@@ -46,38 +53,20 @@ class ProtocolWire(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
         self._woken = False
         #: Offered each chunk while the task waits in receive() with nothing queued; True if
-        #: it took the chunk (the session's fast path, ``_Connection._read_inline``).
+        #: it took the chunk (the fast path, :mod:`minismtp.inline`).
         self.inline_reader: Callable[[bytes], bool] | None = None
-
-    # -- running App code from a callback as if in the connection's task
-
-    #: asyncio's own way to say which task is running, if this Python has it (see
-    #: ``server._Connection._read_inline``).
-    can_enter_task: ClassVar[bool] = _enter_task is not None and _leave_task is not None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         assert self._loop is not None
         return self._loop
 
-    def current_task(self) -> asyncio.Task[Any] | None:
-        return asyncio.current_task(self._loop)
-
-    #: ``enter_task(task)`` makes ``task`` the current one (RuntimeError if a task is running
-    #: already), ``leave_task(task)`` ends that. asyncio's own functions, bound to the loop in
-    #: ``connection_made`` when ``can_enter_task``: they run on every inline read.
-    enter_task: Callable[[asyncio.Task[Any]], object]
-    leave_task: Callable[[asyncio.Task[Any]], object]
-
     # -- the loop's side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports quack like asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
-        self._loop = loop = asyncio.get_running_loop()
-        if _enter_task is not None and _leave_task is not None:
-            self.enter_task = functools.partial(_enter_task, loop)
-            self.leave_task = functools.partial(_leave_task, loop)
+        self._loop = asyncio.get_running_loop()
         self._on_connection_made(self, self._transport)
 
     def data_received(self, data: bytes) -> None:
@@ -148,7 +137,8 @@ class ProtocolWire(asyncio.Protocol):
         self._size += len(data)
 
     def wake(self) -> None:
-        """Make the receive() in progress return ``b""`` now (its caller knows why)."""
+        """Make the receive() in progress return ``b""`` now: the fast path has left the
+        task a step (see :mod:`minismtp.inline`, invariant 3); not the client's EOF."""
         self._woken = True
         self._wake_reader()
 
@@ -205,3 +195,41 @@ class ProtocolWire(asyncio.Protocol):
             transport.abort()
         else:
             transport.close()
+
+
+@attrs.define(eq=False)
+class Accept:
+    """The asyncio path's accept, called from each new ``ProtocolWire``'s ``connection_made``.
+
+    Each session runs in a plain asyncio task, not one of a task group's: anyio's bookkeeping
+    (a handle, a cancel scope and an event per task) would cost memory per connection, and the
+    server ends every session itself (its ``stop()`` waits for them all).
+    """
+
+    acceptor: Acceptor
+    _tasks: set[asyncio.Task[None]] = attrs.field(factory=set)  # the loop keeps weak ones
+
+    def __call__(self, wire: ProtocolWire, transport: asyncio.Transport) -> None:
+        from minismtp.inline import InlinePath, start_task  # it imports this module
+
+        acceptor = self.acceptor
+        peer = peer_address(transport.get_extra_info("peername"))
+        if acceptor.stopping:
+            transport.abort()
+            return
+        if not acceptor.admit(peer):
+            transport.write(bytes(TOO_MANY_CONNECTIONS))
+            transport.close()
+            return
+        local = peer_address(transport.get_extra_info("sockname"))
+        path = InlinePath.new(wire, acceptor.config.inline)
+        task = start_task(wire.loop, acceptor.handle(wire, peer, local, False, path), path)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+async def serve_protocol(acceptor: Acceptor, sock: socket.socket) -> asyncio.Server:
+    """Serve the plain (not implicit TLS) listening ``sock`` through ``ProtocolWire``s."""
+    factory = functools.partial(ProtocolWire, Accept(acceptor), acceptor.config.read_size)
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(factory, sock=sock, backlog=BACKLOG)

@@ -114,5 +114,20 @@ class Data(Event):
         return self.transaction.size
 
 
-AppEvent = Connect | Helo | Mail | Rcpt | DataChunk | Data
+@attrs.frozen
+class Disconnect(Event):
+    """The connection has ended; the App gets it once for every connection it got a
+    :class:`Connect` for, whatever the way it ended: QUIT, a timeout, the client gone, a
+    shutdown, a refused greeting, a refusal by the engine (too many errors).
+
+    It comes after the last reply was written (and before the socket is closed), with the
+    session as it ended; any transaction still open was ended first. The reply is ignored:
+    answer it with what the next handler gives. Middleware that keeps per-connection state
+    (counts of open connections) releases it here. Connections refused before the App saw
+    them (the server's ``max_connections``, a bad PROXY header, a failed implicit TLS
+    handshake) get neither event.
+    """
+
+
+AppEvent = Connect | Helo | Mail | Rcpt | DataChunk | Data | Disconnect
 Handler = Callable[[Event], Awaitable[Reply]]

@@ -18,14 +18,20 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import logging
 import re
 import struct
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 import anyio
 import attrs
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from minismtp.net import IPNetwork, parse_ip
+from minismtp.net import parse_networks as parse_networks  # --proxy-trusted's parser
+
+# The server's logger: a refused proxy is the server's news.
+log = logging.getLogger("minismtp.server")
 
 V1_PREFIX = b"PROXY "
 V1_MAX_LENGTH = 107  # "PROXY UNKNOWN" + two full IPv6 addresses and ports + CRLF, as specified
@@ -341,27 +347,8 @@ def is_trusted(peer_ip: str, networks: Sequence[IPNetwork] = LOOPBACK) -> bool:
     An IPv4-mapped IPv6 peer (``::ffff:10.0.0.1``, as a dual-stack socket reports it) is
     checked as the IPv4 address it is. Anything that is not an IP address is not trusted.
     """
-    try:
-        address = ipaddress.ip_address(peer_ip)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)
-
-
-def parse_networks(values: Iterable[str]) -> tuple[IPNetwork, ...]:
-    """Networks from CIDR strings (``--proxy-trusted``); a bare address is a single host.
-
-    Host bits set (``10.1.2.3/8``) are refused: that is more often a typo than a wish.
-    """
-    networks = []
-    for value in values:
-        try:
-            networks.append(ipaddress.ip_network(value.strip()))
-        except ValueError as exc:
-            raise ValueError(f"not a network in CIDR notation: {value!r} ({exc})") from None
-    return tuple(networks)
+    address = parse_ip(peer_ip)
+    return address is not None and any(address in network for network in networks)
 
 
 async def read_proxy_header(
@@ -391,3 +378,39 @@ async def read_proxy_header(
             if not isinstance(result, NeedMore):
                 return result
     raise ProxyError(f"no complete PROXY header within {timeout:g} s")
+
+
+class _Source(Protocol):
+    async def receive(self) -> bytes: ...
+
+    def unread(self, data: bytes) -> None: ...
+
+
+Addresses = tuple[tuple[str, int], tuple[str, int]]
+
+
+async def proxy_addresses(
+    wire: _Source,
+    peer: tuple[str, int],
+    local: tuple[str, int],
+    trusted: Sequence[IPNetwork],
+    timeout: float,  # noqa: ASYNC109  # see read_proxy_header
+) -> Addresses | None:
+    """The server's PROXY step on a fresh connection, before the engine and any TLS.
+
+    The client's address and the one it connected to, as the proxy says; or None when the
+    connection is to be closed without a greeting (logged: an untrusted peer, a bad header,
+    the deadline). Whatever followed the header goes back to the wire (``unread``), for the
+    engine or the implicit TLS handshake.
+    """
+    if not is_trusted(peer[0], trusted):
+        log.warning("connection from %s closed: not a trusted proxy (--proxy-trusted)", peer[0])
+        return None
+    try:
+        header, rest = await read_proxy_header(wire.receive, timeout)
+    except (ProxyError, anyio.ClosedResourceError, OSError) as exc:
+        log.info("connection from %s closed: %s", peer[0], exc)
+        return None
+    if rest:
+        wire.unread(rest)
+    return header.peer(peer), header.local(local)

@@ -11,8 +11,8 @@
             reply = await client.rcpt("b@elsewhere.org")
             assert reply.code == 550
 
-The client feeds the same sans-I/O engine the server uses and answers its events with the
-App, so a test sees exactly the bytes a real client would, parsed into :class:`Reply` objects.
+Each session runs on the server's own connection driver over an in-memory wire, so a test
+sees exactly the bytes a real client would, parsed into :class:`Reply` objects.
 Like Starlette's ``TestClient``, an exception raised by a hook or middleware is raised in the
 test (``raise_server_exceptions=False`` shows the ``451`` a client would get instead), and
 ``async with`` runs the App's serving period: startup and shutdown hooks, ``on_message``
@@ -21,22 +21,27 @@ consumers, which have drained every accepted message when the block ends.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import re
-from collections.abc import Iterable
+from collections.abc import Coroutine, Generator, Iterable
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 
 from minismtp.app import LOCAL_ERROR, App
-from minismtp.events import Event
-from minismtp.ids import new_id
-from minismtp.message import Message
-from minismtp.protocol import NEED_DATA, Closed, Engine, StartTLS
-from minismtp.types import Reply, Session, TLSInfo
+from minismtp.config import ServerConfig
+from minismtp.connection import Connection
+from minismtp.events import Data, Event
+from minismtp.metrics import Metrics
+from minismtp.protocol import Limits
+from minismtp.suspended import Suspended
+from minismtp.tls import TLSConfig
+from minismtp.types import Message, Reply, Session, TLSInfo
 
-__all__ = ["SessionClosed", "TestClient", "parse_replies"]
+__all__ = ["MemoryWire", "SessionClosed", "TestClient", "parse_replies"]
 
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*))?", re.DOTALL)
 _STATUS = re.compile(r"([245]\.[0-9]{1,3}\.[0-9]{1,3})(?: |$)")
@@ -106,6 +111,104 @@ class SessionClosed(Exception):
     """The server closed the session; there is nothing more to say to it."""
 
 
+class _Park:
+    """What the in-memory wire's read awaits when it has nothing: the test client's turn."""
+
+    def __await__(self) -> Generator[Any, None, None]:
+        yield self
+
+
+_PARK = _Park()
+
+
+@attrs.define(eq=False)
+class MemoryWire:
+    """The test client's wire: the client's bytes handed over in memory, the replies
+    collected. A read with nothing to give parks the connection's driver, which hands control
+    back to the test (see :meth:`TestClient.raw`)."""
+
+    _incoming: list[bytes] = attrs.field(factory=list)  # b"" is the client's EOF
+    _sent: list[bytes] = attrs.field(factory=list)
+
+    def feed(self, data: bytes) -> None:
+        self._incoming.append(data)
+
+    def take_sent(self) -> bytes:
+        sent, self._sent = b"".join(self._sent), []
+        return sent
+
+    async def receive(self) -> bytes:
+        while not self._incoming:
+            await _PARK
+        return self._incoming.pop(0)
+
+    async def send(self, data: bytes) -> None:
+        self._sent.append(data)
+
+    def write_nowait(self, data: bytes) -> bool:
+        self._sent.append(data)
+        return True
+
+    def unread(self, data: bytes) -> None:
+        self._incoming.insert(0, data)
+
+    async def start_tls(self, tls: TLSConfig) -> TLSInfo:
+        return TEST_TLS
+
+    async def aclose(self) -> None:
+        pass
+
+
+@attrs.define(eq=False)
+class _Answers:
+    """The App as the test client's connections see it: exceptions kept for the test, and
+    each message the App accepted noted on the client."""
+
+    client: TestClient
+
+    @property
+    def hostname(self) -> str:
+        return self.client.app.hostname
+
+    @property
+    def limits(self) -> Limits:
+        return self.client.app.limits
+
+    async def __call__(self, event: Event) -> Reply:
+        client = self.client
+        try:
+            reply = await client.app.handle(event, raise_exceptions=client.raise_server_exceptions)
+        except Exception as exc:
+            # Answered as the server would, so that the test may go on with this session;
+            # the test gets the exception instead of the 451 (TestClient._drive).
+            client._raised.append(exc)
+            return LOCAL_ERROR
+        if isinstance(event, Data) and 200 <= reply.code < 300:
+            transaction = event.transaction
+            if transaction.message_id is not None and transaction.message is not None:
+                client.messages.append(transaction.message)
+        return reply
+
+
+@attrs.define(eq=False)
+class _Host:
+    """What the connection driver needs of a server, for the test client's sessions."""
+
+    app: _Answers
+    # The in-memory handshake needs no certificate: anything but None offers STARTTLS.
+    tls: Any = None
+    config: ServerConfig = attrs.field(factory=ServerConfig)
+    metrics: Metrics = attrs.field(factory=Metrics)
+    require_tls: bool = False
+    stopping: bool = False
+
+    def track(self, connection: Connection) -> None:
+        pass
+
+    def untrack(self, connection: Connection) -> None:
+        pass
+
+
 @attrs.define(eq=False)
 class TestClient:
     """An in-memory SMTP client for ``app``; see the module docstring.
@@ -113,6 +216,10 @@ class TestClient:
     ``peer`` is the client address the App sees. ``tls`` offers STARTTLS, which then
     "succeeds" at once, recording :data:`TEST_TLS` on the session. Every message the App
     accepts in this client's sessions is appended to :attr:`messages`.
+
+    Each session is served by the server's own connection driver
+    (:class:`~minismtp.connection.Connection`) over a :class:`MemoryWire`, run in the test's
+    task: a command returns once the driver waits for the client's next bytes.
     """
 
     __test__: ClassVar[bool] = False  # not a test class, whatever pytest thinks of its name
@@ -125,7 +232,10 @@ class TestClient:
     messages: list[Message] = attrs.field(factory=list, init=False)
     #: The greeting of the current session, once connected.
     greeting: Reply | None = attrs.field(default=None, init=False)
-    _engine: Engine | None = attrs.field(default=None, init=False)
+    _connection: Connection | None = attrs.field(default=None, init=False)
+    _wire: MemoryWire = attrs.field(factory=MemoryWire, init=False)
+    _driver: Coroutine[Any, Any, None] | None = attrs.field(default=None, init=False)
+    _raised: list[Exception] = attrs.field(factory=list, init=False)
     _lifespan: AsyncExitStack | None = attrs.field(default=None, init=False)
 
     async def __aenter__(self) -> TestClient:
@@ -142,21 +252,26 @@ class TestClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._forget_session()
         stack, self._lifespan = self._lifespan, None
-        if stack is not None:
-            await stack.__aexit__(exc_type, exc, tb)
+        try:
+            if self.connected:
+                # The session ends as a vanishing client's would: the App gets its Disconnect.
+                with contextlib.suppress(*(() if exc_type is None else (Exception,))):
+                    await self.disconnect()
+        finally:
+            if stack is not None:
+                await stack.__aexit__(exc_type, exc, tb)
 
     @property
     def session(self) -> Session:
         """The current (or last) session, as the App sees it."""
-        if self._engine is None:
+        if self._connection is None:
             raise SessionClosed("not connected: await client.connect() first")
-        return self._engine.session
+        return self._connection.session
 
     @property
     def connected(self) -> bool:
-        return self._engine is not None and not self._engine.closed
+        return self._driver is not None
 
     # -- the wire -----------------------------------------------------------------------------
 
@@ -164,12 +279,12 @@ class TestClient:
         """Open a new session and return the greeting (done implicitly by the first command)."""
         if self.connected:
             raise RuntimeError("already connected")
-        session = Session(
-            id=new_id(), hostname=self.app.hostname, peer=self.peer, local=("127.0.0.1", 25)
-        )
-        self._engine = Engine(session, self.app.limits, tls_available=self.tls)
-        self.app._watchers[session] = self.messages.append
-        replies = parse_replies(await self._run())
+        self._wire = wire = MemoryWire()
+        host = _Host(_Answers(self), tls=TEST_TLS if self.tls else None)
+        connection = Connection.new(host, wire, self.peer, ("127.0.0.1", 25), hold_greeting=False)
+        self._connection = connection
+        self._driver = self._serve(connection)
+        replies = parse_replies(await self._drive())
         if not replies:
             raise SessionClosed("the server closed the connection without a greeting")
         self.greeting = replies[0]
@@ -178,49 +293,51 @@ class TestClient:
     async def raw(self, data: bytes) -> list[Reply]:
         """Send ``data`` exactly as given; return every reply the server sent back for it."""
         if not self.connected:
-            if self._engine is not None:
+            if self._connection is not None:
                 raise SessionClosed("the server has closed this session")
             await self.connect()
-        assert self._engine is not None
-        self._engine.receive_data(data)
-        return parse_replies(await self._run())
+        self._wire.feed(data)
+        return parse_replies(await self._drive())
 
     async def disconnect(self) -> list[Reply]:
         """Close the client's side (EOF), as a client that vanishes does."""
         return await self.raw(b"")
 
-    async def _run(self) -> bytes:
-        """Let the engine go until it needs more data or closes; answer its events meanwhile."""
-        engine = self._engine
-        assert engine is not None
-        while True:
-            event = engine.next_event()
-            if event is NEED_DATA:
-                break
-            if isinstance(event, Closed):
-                self._forget_session()
-                break
-            if isinstance(event, StartTLS):
-                engine.tls_started(TEST_TLS)
-            elif isinstance(event, Event):
-                engine.respond(await self._answer(event))
-        return engine.data_to_send()
-
-    async def _answer(self, event: Event) -> Reply:
+    @staticmethod
+    async def _serve(connection: Connection) -> None:
+        dropped = False
         try:
-            return await self.app.handle(event, raise_exceptions=self.raise_server_exceptions)
-        except Exception:
-            # Answer as the server would, so that the test may go on with this session; the
-            # 451 itself is not shown: the test gets the exception instead.
-            assert self._engine is not None
-            self._engine.respond(LOCAL_ERROR)
-            self._engine.data_to_send()
+            await connection.run()
+        except GeneratorExit:
+            # A client left connected outside ``async with`` is garbage: no task to finish in.
+            dropped = True
             raise
+        finally:
+            if not dropped:
+                await connection.finish()
 
-    def _forget_session(self) -> None:
-        if self._engine is not None:
-            self._engine.close()  # a transaction left open lets go of its spooled content
-            self.app._watchers.pop(self._engine.session, None)
+    async def _drive(self) -> bytes:
+        """Run the session in this task until it waits for the client or ends; what it sent.
+
+        An exception from the App (``raise_server_exceptions``) is raised here, and the
+        replies of this step are dropped with it (the test gets the exception, not a 451).
+        """
+        driver = self._driver
+        assert driver is not None
+        try:
+            waiting_on = driver.send(None)
+        except StopIteration:
+            self._driver = None
+        else:
+            if waiting_on is not _PARK:
+                await Suspended(driver, waiting_on, _PARK)
+            if inspect.getcoroutinestate(driver) == inspect.CORO_CLOSED:  # the session is over
+                self._driver = None
+        sent = self._wire.take_sent()
+        if self._raised:
+            raised, self._raised = self._raised[0], []
+            raise raised
+        return sent
 
     # -- commands -----------------------------------------------------------------------------
 

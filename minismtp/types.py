@@ -180,6 +180,10 @@ class Session:
     tls: TLSInfo | None = None
     transactions: int = 0
     extras: dict[str, Any] = attrs.field(factory=dict)
+    #: Seconds the server holds the greeting back after the App accepted the connection; a
+    #: client that talks meanwhile is refused (``554 5.5.1``, RFC 5321 4.3.1: the client
+    #: waits for the greeting). Set at Connect (``contrib.early_talker.EarlyTalker``).
+    greeting_delay: float = 0.0
 
     @property
     def peer_host(self) -> str:

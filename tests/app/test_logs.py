@@ -79,7 +79,9 @@ def test_close_writes_what_is_left() -> None:
         assert stream.getvalue().endswith(": last words\n")
 
 
-@pytest.mark.parametrize("created", [1_700_000_000.0, 1_700_000_000.042, 1_700_000_000.25, 1_700_000_001.999])
+@pytest.mark.parametrize(
+    "created", [1_700_000_000.0, 1_700_000_000.042, 1_700_000_000.25, 1_700_000_001.999]
+)
 def test_the_date_matches_the_standard_formatter(created: float) -> None:
     record = logging.LogRecord("minismtp", logging.INFO, __file__, 1, "x", None, None)
     record.created = created

@@ -283,3 +283,33 @@ async def test_hello_example_accepts_example_com_and_prints_each_message(
 def test_test_client_is_not_collected_as_a_test_class() -> None:
     assert TestClient.__test__ is False
     assert isinstance(Session(), Session)
+
+
+async def test_middleware_and_the_client_see_the_accepted_message_on_the_transaction() -> None:
+    """The public way to observe what the App accepted: ``transaction.message`` once the Data
+    event is answered with ``transaction.message_id`` set (the test client reads it the same
+    way); a message refused or discarded has no id."""
+    from minismtp.events import Data, Event, Handler
+
+    seen: list[Message] = []
+
+    class Observe:
+        def __init__(self, app: Handler) -> None:
+            self.app = app
+
+        async def __call__(self, event: Event) -> Reply:
+            reply = await self.app(event)
+            if isinstance(event, Data) and event.transaction.message_id is not None:
+                seen.append(event.transaction.message)
+            return reply
+
+    app = App()
+    app.add_middleware(Observe)
+    app.on_data(lambda tx, message: Reply(250, "2.0.0", "Discarded") if b"drop" in message.data else None)
+    async with TestClient(app) as client:
+        await one(client)
+        assert (await client.send_message("a@example.org", "b@example.com", b"drop\r\n"))[
+            -1
+        ].code == 250
+    assert seen == client.messages and len(seen) == 1
+    assert app.messages.receive_nowait() is seen[0]

@@ -32,9 +32,9 @@ import anyio
 from anyio.abc import TaskGroup
 
 from minismtp import logs
-from minismtp.asyncio_wire import ProtocolWire
+from minismtp.asyncio_wire import Accept, ProtocolWire
 from minismtp.server import Server, ServerConfig
-from minismtp.wires import TrioSocketWire
+from minismtp.trio_wire import TrioSocketWire
 from tests.bench.minismtp_app import app, bare
 
 BODY = b"Subject: x\r\n\r\n" + (b"y" * 98 + b"\r\n") * 10
@@ -155,7 +155,7 @@ class FakeClient:
 def _asyncio_session(
     server: Server, tasks: TaskGroup, messages: int, pipelining: bool
 ) -> FakeClient:
-    wire = ProtocolWire(server._protocol_connection_made, server.config.read_size)
+    wire = ProtocolWire(Accept(server), server.config.read_size)
     loop = asyncio.get_running_loop()
     client = FakeClient(
         lambda chunk: loop.call_soon(wire.data_received, chunk), messages, pipelining
@@ -177,9 +177,9 @@ def _trio_session(server: Server, tasks: TaskGroup, messages: int, pipelining: b
         _notify_closing,
         _notify_closing,
     )
-    # What Server._accept_sockets does once it has the connection.
-    server._active += 1
-    tasks.start_soon(server._handle, wire, ("127.0.0.1", 40000), ("127.0.0.1", 25), False)
+    # What trio_wire.accept_sockets does once it has the connection.
+    server.admit(("127.0.0.1", 40000))
+    tasks.start_soon(server.handle, wire, ("127.0.0.1", 40000), ("127.0.0.1", 25), False)
     return sock.client
 
 

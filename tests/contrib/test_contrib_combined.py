@@ -58,7 +58,7 @@ async def dialogue(app: App, clock: FakeClock, greylist_inside_domains: bool) ->
         assert await client.connect() == Reply(554, "5.7.1", "Access denied")
         client.peer = ("192.0.2.1", 40000)
         assert (await client.connect()).code == 220
-        assert client.session.extras["greeting_delay"] == 0.1
+        assert client.session.greeting_delay == 0.1
         ehlo = await client.ehlo("client.example.org")
         assert [line for line in ehlo.lines if line.startswith("SIZE")] == [f"SIZE {LIMIT}"]
         assert await client.mail("a@spam.example") == Reply(

@@ -95,7 +95,7 @@ async def test_a_connect_hook_may_exempt_trusted_clients(connect: Connect) -> No
     @app.on_connect
     def trust_localhost(session: Session) -> None:
         if session.peer_host == "127.0.0.1":
-            del session.extras["greeting_delay"]
+            session.greeting_delay = 0.0
 
     async with served(app) as server, connect(server.port) as client:
         with anyio.fail_after(5):

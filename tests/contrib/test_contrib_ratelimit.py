@@ -171,3 +171,17 @@ def test_limits_must_be_positive() -> None:
         ConnectionLimit(App(), per_ip=0)
     with pytest.raises(ValueError):
         ConnectionLimit(App(), per_ip_per_minute=0)
+
+
+async def test_a_session_kept_alive_by_the_app_frees_its_slot_at_disconnect() -> None:
+    """The slot follows the Disconnect event, not the Session object's lifetime."""
+    app, made = limited_app(per_ip=1)
+    kept: list[object] = []
+    app.on_connect(kept.append)
+    async with TestClient(app) as client:
+        assert await client.connect() == GREETING
+        await client.quit()
+        assert made[0].open_connections("127.0.0.1") == 0
+        assert await client.connect() == GREETING
+    assert made[0].open_connections("127.0.0.1") == 0
+    assert len(kept) == 2

@@ -16,7 +16,8 @@ from anyio.abc import ByteStream, SocketAttribute, SocketListener, SocketStream
 from anyio.streams.tls import TLSStream
 
 from minismtp.tls import TLSConfig
-from minismtp.wires import StreamWire, TrioSocketWire, Wire
+from minismtp.trio_wire import TrioSocketWire
+from minismtp.wires import StreamWire, Wire
 from tests.helpers.certs import Certificates
 
 pytestmark = pytest.mark.anyio

@@ -1,0 +1,47 @@
+"""The server's settings, shared by the CLI, the Python API and the connection driver."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import attrs
+
+from minismtp.net import IPNetwork
+from minismtp.proxy import LOOPBACK
+
+
+def _inline_default() -> bool:
+    # The switch for the whole server test suite (and for an operator who suspects the fast
+    # path): MINISMTP_INLINE=0 runs every App call in the connection's task.
+    return os.environ.get("MINISMTP_INLINE", "1") != "0"
+
+
+@attrs.frozen
+class ServerConfig:
+    """Timeouts and limits of the network layer (the SMTP limits are the App's ``limits``)."""
+
+    idle_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: the server waits 5 minutes per command
+    min_data_rate: float = 500.0  # bytes/s during DATA/BDAT, as Postfix; 0: the idle timeout
+    max_session_duration: float | None = 3600.0
+    max_connections: int = 1000
+    shutdown_grace: float = 30.0  # seconds a transaction in progress gets to finish
+    # After the grace period and the 421s, how long sessions get to end before they are
+    # cancelled outright (a client that stopped reading, an App call that hangs). It also
+    # bounds the App's handling of each connection's Disconnect event.
+    shutdown_cancel_after: float = 5.0
+    read_size: int = 64 * 1024
+    # "auto": an asyncio Protocol on asyncio/uvloop, the socket with trio's own waits on trio;
+    # "stream": anyio streams everywhere (the portable path, for comparison and debugging).
+    transport: Literal["auto", "stream"] = "auto"
+    # On the asyncio Protocol path: run App calls that need no waiting straight from the
+    # socket's callback (minismtp.inline). False: every call in the connection's task.
+    inline: bool = attrs.field(factory=_inline_default)
+    # The PROXY protocol (v1 and v2): each connection must start with a header from one of
+    # the trusted proxies, naming the client; anything else is closed without a greeting.
+    proxy_protocol: bool = False
+    proxy_trusted: tuple[IPNetwork, ...] = LOOPBACK
+    proxy_timeout: float = 5.0  # a proxy sends its header at once
+
+
+__all__ = ["ServerConfig"]
