@@ -313,6 +313,11 @@ class Engine:
             if accepted:
                 event.transaction.rcpt_to.append(event.address)
                 event.transaction.rcpt_params.append(event.params)
+            else:
+                transaction = event.transaction
+                if transaction.refused_rcpts is None:
+                    transaction.refused_rcpts = []
+                transaction.refused_rcpts.append((event.address, reply))
         elif isinstance(event, Mail):
             self._out.append(_reply_with_status(reply))
             if accepted:
@@ -322,6 +327,8 @@ class Engine:
             if accepted:
                 self.session.transactions += 1
                 self._junk = 0
+            else:
+                event.transaction.refusal = f"{reply.status or ''} {reply.lines[0]}".lstrip()
             self._reset_transaction(reply.code)
         elif isinstance(event, Helo):
             self._out.append(bytes(reply))
@@ -757,6 +764,8 @@ class Engine:
 
     def _refuse_content(self, reply: bytes) -> None:
         """Refused while streaming: keep reading to the end, but keep nothing."""
+        if self.transaction is not None:
+            self.transaction.size = self._size  # for the log: how far it got
         self._content_failure = reply
         self._parts = []
         self._size = 0
@@ -794,6 +803,8 @@ class Engine:
         transaction = self.transaction
         if failure is not None or transaction is None:
             failure = failure or NEED_MAIL
+            if transaction is not None:
+                transaction.refusal = failure[4:].decode("ascii", "replace").rstrip()
             self._reply(failure)
             self._reset_transaction(int(failure[:3]))
             return None

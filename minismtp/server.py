@@ -47,7 +47,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from minismtp.app import App
 from minismtp.events import Connect, Event, Mail
 from minismtp.ids import new_id
-from minismtp.logs import InfoLine
+from minismtp.logs import InfoLine, transaction_line
 from minismtp.metrics import Metrics
 from minismtp.protocol import NEED_DATA, Closed, Engine, Limits, NeedData, StartTLS
 from minismtp.proxy import LOOPBACK, IPNetwork, ProxyError, is_trusted, read_proxy_header
@@ -815,16 +815,9 @@ class _Connection:
                 metrics.transactions_abandoned += 1
             else:
                 metrics.transaction_finished(code)
-            if not log.isEnabledFor(logging.INFO):
-                continue
-            recipients = ",".join([f"<{rcpt}>" for rcpt in transaction.rcpt_to])
-            _transaction_line(
-                f"session {session.id} from {session.peer[0]} helo={session.helo_name} "
-                f"from=<{transaction.mail_from}> to={recipients} size={transaction.size} "
-                f"reply={code if code is not None else 'abandoned'} "
-                f"id={transaction.message_id or '-'} "
-                f"duration={_now() - self._transaction_started:.3f}s"
-            )
+            if log.isEnabledFor(logging.INFO):
+                duration = _now() - self._transaction_started
+                _transaction_line(transaction_line(session, transaction, duration))
 
 
 def _running_asyncio() -> bool:

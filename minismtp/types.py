@@ -208,6 +208,10 @@ class Transaction:
     size: int = 0  # octets of content, once it is complete
     reply_code: int | None = None  # the reply that ended it; None while open, or if abandoned
     message_id: str | None = None  # the id of the message the App accepted from it
+    # For the log line: the recipients refused (with the reply each got), and the status and
+    # text of a refusal of the content.
+    refused_rcpts: list[tuple[Address, Reply]] | None = None
+    refusal: str | None = None
 
     @property
     def declared_size(self) -> int | None:
