@@ -73,9 +73,7 @@ def _read_pem(path: StrPath, what: str) -> bytes:
         raise TLSLoadError(f"cannot read the TLS {what} {os.fspath(path)!r}: {problem}") from exc
 
 
-def _load_cert_chain(
-    context: ssl.SSLContext, cert_path: StrPath, key_path: StrPath | None
-) -> None:
+def _load_cert_chain(context: ssl.SSLContext, cert_path: StrPath, key_path: StrPath | None) -> None:
     """``context.load_cert_chain``, with an error that blames the right file.
 
     OpenSSL says "PEM lib" or "No such file" without saying which of the two files it means;
