@@ -11,108 +11,14 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import attrs
 import pytest
 
-from tests.helpers.certs import Certificates, issue_certificates
+from tests.helpers.certs import RenewedCertificate
+from tests.helpers.processes import minismtp, run
 
-ROOT = Path(__file__).resolve().parent.parent
 BODY = b"From: a@example.com\r\nSubject: cli\r\n\r\nThrough the command line.\r\n"
-LISTENING = r"^minismtp listening on 127\.0\.0\.1:(\d+) \((.+)\)$"
-LISTENING_TLS = r"^minismtp listening on 127\.0\.0\.1:(\d+) with implicit TLS \((.+)\)$"
-
-
-def minismtp(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "minismtp", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-
-
-@attrs.define
-class Running:
-    """A ``minismtp run`` process, its ports, and its stderr as it comes."""
-
-    process: subprocess.Popen[str]
-    port: int = 0
-    tls_port: int | None = None
-    loop: str = ""
-    stdout: list[str] = attrs.field(factory=list)
-    stderr: list[str] = attrs.field(factory=list)
-    _changed: threading.Condition = attrs.field(factory=threading.Condition)
-    _ended: set[str] = attrs.field(factory=set)  # streams read to their end
-
-    def _collect(self, stream: str) -> None:
-        pipe = getattr(self.process, stream)
-        lines = getattr(self, stream)
-        for line in pipe:
-            with self._changed:
-                lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._ended.add(stream)
-            self._changed.notify_all()
-
-    def wait_for(
-        self, stream: str, pattern: str, timeout: float = 10, count: int = 1
-    ) -> re.Match[str]:
-        """The ``count``-th line of ``stream`` matching ``pattern``, waiting for it to come."""
-        deadline = time.monotonic() + timeout
-        regex = re.compile(pattern)
-        with self._changed:
-            while True:
-                matches = [m for line in getattr(self, stream) if (m := regex.search(line))]
-                if len(matches) >= count:
-                    return matches[count - 1]
-                left = deadline - time.monotonic()
-                if left <= 0 or stream in self._ended:
-                    raise AssertionError(
-                        f"no {pattern!r} on {stream}: {self.stdout!r} {self.stderr!r}"
-                    )
-                self._changed.wait(left)
-
-    def stop(self, signum: int = signal.SIGTERM) -> int:
-        self.process.send_signal(signum)
-        return self.process.wait(timeout=20)
-
-
-@contextmanager
-def run(*args: str, cwd: Path = ROOT) -> Iterator[Running]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "minismtp", "run", "--port", "0", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    running = Running(process)
-    readers = [
-        threading.Thread(target=running._collect, args=(stream,), daemon=True)
-        for stream in ("stdout", "stderr")
-    ]
-    for reader in readers:
-        reader.start()
-    try:
-        first = running.wait_for("stdout", LISTENING)
-        running.port, running.loop = int(first.group(1)), first.group(2)
-        if "--tls-port" in args:
-            running.tls_port = int(running.wait_for("stdout", LISTENING_TLS).group(1))
-        yield running
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for reader in readers:
-            reader.join(timeout=5)
 
 
 def sendmail(port: int, recipients: list[str], body: bytes = BODY) -> None:
@@ -212,34 +118,6 @@ def test_sigint_stops_an_idle_server_with_exit_0(tmp_path: Path) -> None:
         assert idle.recv(100).startswith(b"220 ")
         assert server.stop(signal.SIGINT) == 0
         assert b"421 4.3.2" in idle.recv(100)
-
-
-@attrs.frozen
-class RenewedCertificate:
-    """The files a server is started with (``args``), holding the ``first`` certificate until
-    :meth:`renew` puts the ``second`` in their place, as an operator renewing it does."""
-
-    first: Certificates
-    second: Certificates
-    cert: Path
-    key: Path
-
-    @classmethod
-    def issue(cls, directory: Path) -> RenewedCertificate:
-        first = issue_certificates(directory / "first")
-        second = issue_certificates(directory / "second")
-        renewed = cls(first, second, directory / "cert.pem", directory / "key.pem")
-        shutil.copy(first.cert_path, renewed.cert)
-        shutil.copy(first.key_path, renewed.key)
-        return renewed
-
-    @property
-    def args(self) -> tuple[str, ...]:
-        return ("--tls-cert", str(self.cert), "--tls-key", str(self.key))
-
-    def renew(self) -> None:
-        shutil.copy(self.second.cert_path, self.cert)
-        shutil.copy(self.second.key_path, self.key)
 
 
 def test_sighup_reloads_the_certificate_for_new_connections(tmp_path: Path) -> None:

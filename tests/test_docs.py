@@ -33,9 +33,10 @@ from pathlib import Path
 
 import attrs
 import pytest
-from test_examples import ROOT, minismtp_run, project_env
 
 from minismtp.cli import build_parser
+from tests.helpers.processes import ROOT, project_env
+from tests.helpers.processes import run as minismtp_run
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SETUP_SERVER = (
@@ -144,7 +145,7 @@ def test_python_block_runs(block: Block, tmp_path: Path) -> None:
             script.write_text(block.code.replace("2525", str(server.port)))
             result = run([sys.executable, script.name], tmp_path)
         assert result.returncode == 0, output(result)
-        assert server.returncode == 0, server.stderr
+        assert server.returncode == 0, server.output
         (stored,) = (tmp_path / "maildir" / "new").iterdir()
         assert stored.read_bytes().startswith(b"Received: from ")
     else:

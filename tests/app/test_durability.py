@@ -12,7 +12,8 @@ from pathlib import Path
 
 import attrs
 import pytest
-from test_cli import run
+
+from tests.helpers.processes import run
 
 CLIENTS = 20
 ACKED_BEFORE_THE_SIGNAL = 200

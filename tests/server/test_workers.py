@@ -12,7 +12,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_cli import RenewedCertificate, run
+
+from tests.helpers.certs import RenewedCertificate
+from tests.helpers.processes import run
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="--workers is POSIX only")
 
