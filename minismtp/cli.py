@@ -361,32 +361,41 @@ def import_app(spec: str, *, factory: bool = False) -> ServableApp:
 def _explain(exc: BaseException) -> str:
     """``Type: message (file:line)``: the exception, and where it was raised."""
     where = _raised_at(exc)
-    return f"{type(exc).__name__}: {exc}" + (f" ({where})" if where else "")
+    # A SyntaxError's str() says where already, as "(file, line n)".
+    message = exc.msg if isinstance(exc, SyntaxError) else exc
+    return f"{type(exc).__name__}: {message}" + (f" ({where})" if where else "")
 
 
 def _raised_at(exc: BaseException) -> str | None:
-    """``file:line`` of the code that raised ``exc`` (for a SyntaxError, of the bad line),
-    the file relative to the current directory when it is under it; None inside the import
-    machinery alone (a module that is not there)."""
+    """``file:line`` of the line that raised ``exc``: the last one in the user's files (under
+    the current directory, shown relative to it) when there is one, else the last one; for a
+    SyntaxError, the bad line. None inside the import machinery alone (no such module)."""
     if isinstance(exc, SyntaxError) and exc.filename:
-        filename, line = exc.filename, exc.lineno
+        frames = [(exc.filename, exc.lineno or 0)]
     else:
         frames = _frames(exc.__traceback__)
-        if not frames:
-            return None
-        filename, line = frames[-1]
-    try:
-        filename = str(Path(filename).resolve().relative_to(Path.cwd()))
-    except ValueError:
-        pass
+    here = Path.cwd()
+    located: list[tuple[str, int]] = []
+    for filename, line in frames:
+        try:
+            relative = Path(filename).resolve().relative_to(here)
+        except ValueError:
+            continue
+        if "site-packages" not in relative.parts:  # a virtual environment in the project
+            located.append((str(relative), line))
+    filename, line = (located or frames or [("", 0)])[-1]
+    if not filename:
+        return None
     return f"{filename}:{line}" if line else filename
 
 
 def _frames(tb: TracebackType | None) -> list[tuple[str, int]]:
+    importlib_dir = os.path.dirname(importlib.__file__)
     frames = []
     while tb is not None:
         filename = tb.tb_frame.f_code.co_filename
-        if not filename.startswith("<frozen"):  # importlib's own frames
+        # importlib's own frames (frozen, or its package's files) say nothing either.
+        if not filename.startswith(("<frozen", importlib_dir)):
             frames.append((filename, tb.tb_lineno))
         tb = tb.tb_next
     # Our own frames (the import call) say nothing about the user's code.
