@@ -13,6 +13,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -152,6 +153,64 @@ def test_sighup_reloads_the_certificate_for_new_connections(tmp_path: Path) -> N
         assert server.stop() == 0
     (stored,) = (tmp_path / "maildir" / "new").iterdir()
     assert b"with ESMTPS id" in stored.read_bytes()
+
+
+def test_metrics_port_serves_the_counters_and_is_announced_once(tmp_path: Path) -> None:
+    with run("--metrics-port", "0", cwd=tmp_path) as server:
+        announced = server.wait_for(
+            "stdout", r"^minismtp metrics on http://127\.0\.0\.1:(\d+)/metrics$"
+        )
+        assert server.stdout.index(announced.string) == 1  # after the SMTP address
+        sendmail(server.port, ["b@example.com"])
+        url = f"http://127.0.0.1:{announced[1]}/metrics"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            text = response.read().decode()
+        assert 'minismtp_transactions_total{code="250",result="accepted"} 1\n' in text
+        assert server.stop() == 0
+    assert sum("metrics" in line for line in server.stdout + server.stderr) == 1
+
+
+BARE_LF_BODY = b"Subject: plain LF\nfrom a file\n.\nnot the end\r\n"
+
+
+def send_raw_data(port: int, body: bytes) -> bytes:
+    """MAIL, RCPT, DATA, ``body``, ``CRLF.CRLF``: the reply to the content (smtplib would
+    turn the bare LFs into CRLFs)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        replies = sock.makefile("rb")
+        assert replies.readline().startswith(b"220")
+        for command in (
+            b"HELO client.test",
+            b"MAIL FROM:<a@example.com>",
+            b"RCPT TO:<b@example.com>",
+            b"DATA",
+        ):
+            sock.sendall(command + b"\r\n")
+            assert replies.readline()[:1] in (b"2", b"3")
+        sock.sendall(body + b".\r\n")
+        return replies.readline()
+
+
+@pytest.mark.parametrize("mode", ["reject", "normalize", None])
+def test_bare_lf_is_refused_or_normalized_and_only_crlf_dot_crlf_ends_data(
+    tmp_path: Path, mode: str | None
+) -> None:
+    """RFC 5321 2.3.8 and 4.1.1.4; ``--bare-lf normalize`` is Postfix's
+    ``smtpd_forbid_bare_newline = normalize``: a bare LF is a line end within the content, and
+    ``<LF>.<LF>`` is not the end of data in either mode (SMTP smuggling)."""
+    with run(*(("--bare-lf", mode) if mode else ()), cwd=tmp_path) as server:
+        reply = send_raw_data(server.port, BARE_LF_BODY)
+        assert server.stop() == 0
+    stored = list((tmp_path / "maildir" / "new").iterdir())
+    if mode == "normalize":
+        assert reply.startswith(b"250 2.0.0 OK queued as ")
+        (message,) = stored
+        assert message.read_bytes().endswith(
+            b"\r\nSubject: plain LF\r\nfrom a file\r\n.\r\nnot the end\r\n"
+        )
+    else:  # the default
+        assert reply == b"550 5.5.2 Message contains bare CR or LF\r\n"
+        assert stored == []
 
 
 # -- errors: one line, exit status 2 ----------------------------------------------------------------
