@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -97,12 +97,13 @@ class Running:
 
 
 @contextmanager
-def run(*args: str, cwd: Path = ROOT, **env: str) -> Iterator[Running]:
+def run(*args: str, cwd: Path = ROOT, wrapper: Sequence[str] = (), **env: str) -> Iterator[Running]:
     """``minismtp run --port 0 *args`` in ``cwd``, for the ``with`` block, once it listens.
 
-    ``env``: variables added to the subprocess's environment."""
+    ``wrapper``: a command that runs it (``strace -f -o FILE``); ``env``: variables added to
+    the subprocess's environment."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "minismtp", "run", "--port", "0", *args],
+        [*wrapper, sys.executable, "-m", "minismtp", "run", "--port", "0", *args],
         cwd=cwd,
         env=project_env(**env),
         stdout=subprocess.PIPE,
