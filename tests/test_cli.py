@@ -22,7 +22,7 @@ import pytest
 
 from minismtp.cli import _bind_problem, _hostname
 from tests.helpers.certs import Certificates, RenewedCertificate, issue_certificates
-from tests.helpers.processes import minismtp, run
+from tests.helpers.processes import minismtp, run, unprivileged
 
 BODY = b"From: a@example.com\r\nSubject: cli\r\n\r\nThrough the command line.\r\n"
 
@@ -491,9 +491,12 @@ def test_a_privileged_port_names_the_ways_out() -> None:
     )
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may bind any port")
 def test_a_privileged_port_as_a_user_exits_2(tmp_path: Path) -> None:
-    result = minismtp("run", "--port", "0", "--metrics-port", "80", cwd=tmp_path)
+    """Issue 20: ``--metrics-port 80`` as a user gave a traceback and status 1."""
+    tmp_path.chmod(0o777)  # the user nobody runs in it
+    result = minismtp(
+        "run", "--port", "0", "--metrics-port", "80", cwd=tmp_path, wrapper=unprivileged()
+    )
     assert_one_line_error(result, re.escape(f"127.0.0.1:80 (--metrics-port): {PRIVILEGED}"))
 
 
@@ -511,12 +514,15 @@ def test_a_maildir_that_cannot_be_created_exits_2(tmp_path: Path, workers: str) 
     )
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
 def test_a_maildir_that_cannot_be_written_exits_2(tmp_path: Path) -> None:
+    """Issue 20: it started, then every message got 451."""
+    wrapper = unprivileged()
     for sub in ("tmp", "new", "cur"):
         (tmp_path / "box" / sub).mkdir(parents=True)
-    (tmp_path / "box" / "tmp").chmod(0o500)
-    result = minismtp("run", "--port", "0", "--maildir", "box", cwd=tmp_path)
+    for path in (tmp_path, tmp_path / "box", *(tmp_path / "box").iterdir()):
+        path.chmod(0o755)  # others (nobody, when we are root) may read, not write
+    tmp_path.chmod(0o777)
+    result = minismtp("run", "--port", "0", "--maildir", "box", cwd=tmp_path, wrapper=wrapper)
     assert_one_line_error(
         result, re.escape("cannot write the Maildir 'box': box/tmp/") + r"\S+: permission denied"
     )

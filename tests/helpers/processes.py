@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import attrs
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 LISTENING = r"^minismtp listening on 127\.0\.0\.1:(\d+) \((.+)\)$"
@@ -30,10 +32,12 @@ def project_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
-def minismtp(*args: str, cwd: Path = ROOT, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """``python -m minismtp *args`` run to its end."""
+def minismtp(
+    *args: str, cwd: Path = ROOT, timeout: float = 60, wrapper: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """``python -m minismtp *args`` run to its end (``wrapper``: a command that runs it)."""
     return subprocess.run(
-        [sys.executable, "-m", "minismtp", *args],
+        [*wrapper, sys.executable, "-m", "minismtp", *args],
         cwd=cwd,
         env=project_env(),
         capture_output=True,
@@ -94,6 +98,16 @@ class Running:
     @property
     def output(self) -> str:
         return "\n".join(["--- stdout", *self.stdout, "--- stderr", *self.stderr])
+
+
+def unprivileged() -> tuple[str, ...]:
+    """A wrapper that runs a command as an unprivileged user: none when we are not root, else
+    ``setpriv`` to the user nobody (skips the test when there is no setpriv)."""
+    if os.geteuid() != 0:
+        return ()
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root, and no setpriv to run as another user")
+    return ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
 
 
 @contextmanager
