@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 
+import anyio
 import attrs
 import pytest
 
@@ -207,3 +208,37 @@ async def test_control_characters_and_spaces_from_the_client_are_escaped(
     logged = parse(line)
     assert logged.helo == r"a\x00\x1b[31mred\x07\x20x\x5cy"
     assert logged.sender == r'"a\x5c\x20b"@example.org'
+
+
+class Logged(logging.Handler):
+    """Sets ``event`` when a record comes (emitted on the event loop's thread)."""
+
+    def __init__(self, event: anyio.Event) -> None:
+        super().__init__()
+        self.event = event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.event.set()
+
+
+async def test_a_lost_connection_logs_the_refusals_of_its_open_transaction(
+    server: Server, connect: Connect, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="minismtp.server")
+    logged_line = anyio.Event()
+    handler = Logged(logged_line)
+    logging.getLogger("minismtp.server").addHandler(handler)
+    try:
+        async with connect(server.port) as client:
+            await open_transaction(client, "client.test", "c@elsewhere.test", "b@example.com")
+        with anyio.fail_after(10):  # logged once the server has seen the connection end
+            await logged_line.wait()
+    finally:
+        logging.getLogger("minismtp.server").removeHandler(handler)
+    (line,) = lines(caplog)
+    logged = parse(line)
+    assert (logged.to, logged.refused, logged.reply) == (
+        "<b@example.com>",
+        "<c@elsewhere.test>:550",
+        "abandoned",
+    )
