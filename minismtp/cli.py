@@ -131,13 +131,13 @@ def _hostname(text: str) -> str:
         return text
     literal = text[1:-1] if text.startswith("[") and text.endswith("]") else None
     if literal is not None:
-        ip = literal[5:] if literal[:5].lower() == "ipv6:" else literal
+        tagged = literal[:5].lower() == "ipv6:"
         try:
-            version = ipaddress.ip_address(ip).version
+            version = ipaddress.ip_address(literal[5:] if tagged else literal).version
         except ValueError:
             pass
         else:
-            if (version == 6) == (ip is not literal):  # IPv6 needs its "IPv6:" tag
+            if (version == 6) == tagged:  # an IPv6 address needs its "IPv6:" tag, and only it
                 return text
     raise argparse.ArgumentTypeError(
         f"not a domain name or an address literal like [192.0.2.1]: {text!r}"

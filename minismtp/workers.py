@@ -12,9 +12,12 @@ that fails to start (it reports on a pipe whether it got to serving, or the one 
 not) is tried five times in a row, then the parent stops the others and exits 2 with that line.
 It forwards SIGTERM and SIGINT (a graceful stop; a second one closes every session at once, as
 with one process) and SIGHUP (reload the certificate), and exits 0 once every worker has stopped
-with status 0. The workers run in their own session,
-so a Ctrl-C at the terminal reaches them once, through the parent; and each watches its stdin,
-a pipe from the parent, to stop gracefully if the parent is gone.
+with status 0. The workers run in their own session, so a Ctrl-C at the terminal reaches them
+once, through the parent; and each watches its stdin, a pipe from the parent, to stop
+gracefully if the parent is gone.
+
+The parent binds every listening socket, each worker's metrics endpoint too, and prints what
+listens where; a worker announces nothing.
 """
 
 from __future__ import annotations
