@@ -1,4 +1,4 @@
-"""A middleware of your own (API.md sketch 3): refuse listed recipients before any hook runs.
+"""A middleware of your own: refuse listed recipients before any hook runs.
 
 Serve it with::
 

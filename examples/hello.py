@@ -10,4 +10,4 @@ async def only_example_com(tx, rcpt):
 
 @app.on_message
 async def show(message):
-    print(message.id, message.mail_from, message.rcpt_to, len(message.data))
+    print(message.id, message.mail_from, *message.rcpt_to, len(message.data))

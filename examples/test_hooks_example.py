@@ -1,4 +1,4 @@
-"""Testing a hook with the in-memory TestClient (API.md sketch 5).
+"""Testing a hook with the in-memory TestClient.
 
 Run it with ``python -m pytest examples/test_hooks_example.py``; the project's own
 ``python -m pytest`` collects tests/ only, and tests/test_examples.py runs this file.

@@ -2,18 +2,26 @@
 
 Like uvicorn: the App is imported from ``module:attribute`` (the current directory is on the
 import path), every problem found before serving -- an App that cannot be imported, a bad
-option, a port in use, a certificate that does not load -- is one line on stderr and exit
-status 2, and SIGTERM or SIGINT stops the server gracefully (a second one closes every session
-at once). SIGHUP reads the TLS certificate and key again. With ``--workers N`` this process
-binds the sockets and supervises N worker processes (:mod:`minismtp.workers`).
+option, a port in use, a certificate that does not load, a Maildir that cannot be written --
+is one line on stderr and exit status 2, and SIGTERM or SIGINT stops the server gracefully
+(a second one closes every session at once). SIGHUP reads the TLS certificate and key again.
+With ``--workers N`` this process binds the sockets and supervises N worker processes
+(:mod:`minismtp.workers`).
+
+Every listener (SMTP, implicit TLS, metrics; with ``--workers``, each worker's metrics port) is
+bound here, before anything is announced, so that a port that cannot be bound is said once,
+naming the address and what to do, and nothing is left listening.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import ipaddress
 import logging
 import os
+import re
 import signal
 import socket
 import ssl
@@ -21,24 +29,38 @@ import sys
 import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any, NoReturn, TypeVar
 
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found, unused-ignore]
+
 import anyio
+import anyio.abc
 import attrs
 
 from minismtp import __version__, allocator, logs
 from minismtp.app import default_app
+from minismtp.maildir import MaildirError
 from minismtp.metrics import serve_metrics
 from minismtp.proxy import LOOPBACK, parse_networks
 from minismtp.server import ServableApp, Server, ServerConfig, serve
-from minismtp.tls import TLSConfig
-from minismtp.workers import Supervisor, bind_sockets, watch_parent, worker_command
+from minismtp.tls import TLSConfig, TLSLoadError
+from minismtp.workers import (
+    READY,
+    Supervisor,
+    bind_sockets,
+    report_status,
+    watch_parent,
+    worker_command,
+)
 
 log = logging.getLogger("minismtp.cli")
 
 DEFAULT_PORT = 2525  # unprivileged; an MX listens on 25 (--port 25)
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 LOOPS = ("auto", "asyncio", "uvloop", "trio")
+BARE_LF = ("reject", "normalize")
 _DEFAULTS = ServerConfig()
 
 
@@ -98,6 +120,34 @@ _seconds = _number(
     float, "a number of seconds", lambda value: value > 0, "must be more than 0 seconds"
 )
 
+# RFC 5321 4.1.2 Domain (RFC 1035 labels, digits first allowed by RFC 1123), up to 253 octets.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*", re.ASCII)
+
+
+def _hostname(text: str) -> str:
+    """``--hostname``: a domain name or an address literal (RFC 5321 4.1.3), as it goes into
+    the greeting and every ``Received:`` header."""
+    if _DOMAIN.fullmatch(text):
+        return text
+    literal = text[1:-1] if text.startswith("[") and text.endswith("]") else None
+    if literal is not None:
+        tagged = literal[:5].lower() == "ipv6:"
+        try:
+            version = ipaddress.ip_address(literal[5:] if tagged else literal).version
+        except ValueError:
+            pass
+        else:
+            if (version == 6) == tagged:  # an IPv6 address needs its "IPv6:" tag, and only it
+                return text
+    raise argparse.ArgumentTypeError(
+        f"not a domain name or an address literal like [192.0.2.1]: {text!r}"
+    )
+
+
+def _log_level(text: str) -> str:
+    return text.lower()  # DEBUG, Debug and debug alike; choices= checks it after
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
@@ -140,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     net.add_argument(
         "--hostname",
+        type=_hostname,
         help="the server's name in the greeting, EHLO and Received: headers "
         "(default: the App's, or this machine's name for the embedded default)",
     )
@@ -170,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="idle time allowed per command before 421 4.4.2 (default: %(default)g); "
         "message content is timed by a minimum data rate instead",
+    )
+    limits.add_argument(
+        "--bare-lf",
+        choices=BARE_LF,
+        default="reject",
+        help="a message with a bare LF or CR (not in CRLF): reject it with 550 5.5.2, or "
+        "normalize it to CRLF and accept it (default: %(default)s); the end of data is "
+        "CRLF.CRLF either way",
     )
     limits.add_argument(
         "--max-connections",
@@ -267,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     # What a worker process of --workers is given by its parent; not for people.
     for hidden in ("--listen-fd", "--listen-tls-fd"):
         run.add_argument(hidden, type=int, action="append", default=[], help=argparse.SUPPRESS)
+    run.add_argument("--listen-metrics-fd", action="append", default=[], help=argparse.SUPPRESS)
     run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--status-fd", type=int, help=argparse.SUPPRESS)
     store = run.add_argument_group("embedded default")
     store.add_argument(
         "--maildir",
@@ -276,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--log-level",
+        type=_log_level,
         choices=LOG_LEVELS,
         default="info",
         help="log messages of this level and above (default: %(default)s)",
@@ -291,7 +353,7 @@ def import_app(spec: str, *, factory: bool = False) -> ServableApp:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # the module itself raised: still one line, not a traceback
-        raise UsageError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from exc
+        raise UsageError(f"cannot import {module_name!r}: {_explain(exc)}") from exc
     target: Any = module
     for name in attribute.split("."):
         try:
@@ -304,12 +366,56 @@ def import_app(spec: str, *, factory: bool = False) -> ServableApp:
         try:
             target = target()
         except Exception as exc:
-            raise UsageError(f"{spec}() failed: {type(exc).__name__}: {exc}") from exc
+            raise UsageError(f"{spec}() failed: {_explain(exc)}") from exc
     if not (callable(target) and hasattr(target, "serving") and hasattr(target, "limits")):
         hint = " (a factory? add --factory)" if callable(target) else ""
         raise UsageError(f"{spec} is not an App{hint}")
     app: ServableApp = target
     return app
+
+
+def _explain(exc: BaseException) -> str:
+    """``Type: message (file:line)``: the exception, and where it was raised."""
+    where = _raised_at(exc)
+    # A SyntaxError's str() says where already, as "(file, line n)".
+    message = exc.msg if isinstance(exc, SyntaxError) else exc
+    return f"{type(exc).__name__}: {message}" + (f" ({where})" if where else "")
+
+
+def _raised_at(exc: BaseException) -> str | None:
+    """``file:line`` of the line that raised ``exc``: the last one in the user's files (under
+    the current directory, shown relative to it) when there is one, else the last one; for a
+    SyntaxError, the bad line. None inside the import machinery alone (no such module)."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        frames = [(exc.filename, exc.lineno or 0)]
+    else:
+        frames = _frames(exc.__traceback__)
+    here = Path.cwd()
+    located: list[tuple[str, int]] = []
+    for filename, line in frames:
+        try:
+            relative = Path(filename).resolve().relative_to(here)
+        except ValueError:
+            continue
+        if "site-packages" not in relative.parts:  # a virtual environment in the project
+            located.append((str(relative), line))
+    filename, line = (located or frames or [("", 0)])[-1]
+    if not filename:
+        return None
+    return f"{filename}:{line}" if line else filename
+
+
+def _frames(tb: TracebackType | None) -> list[tuple[str, int]]:
+    importlib_dir = os.path.dirname(importlib.__file__)
+    frames = []
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        # importlib's own frames (frozen, or its package's files) say nothing either.
+        if not filename.startswith(("<frozen", importlib_dir)):
+            frames.append((filename, tb.tb_lineno))
+        tb = tb.tb_next
+    # Our own frames (the import call) say nothing about the user's code.
+    return [frame for frame in frames if frame[0] != __file__]
 
 
 def choose_loop(loop: str) -> tuple[str, dict[str, Any], str]:
@@ -351,6 +457,8 @@ def _configure_app(app: ServableApp, args: argparse.Namespace) -> None:
         if not spool_dir.is_dir():
             raise UsageError(f"--spool-dir: not a directory: {args.spool_dir!r}")
         app.spool_dir = spool_dir
+    if args.bare_lf != "reject":
+        app.limits = attrs.evolve(app.limits, accept_bare_line_endings=True)
 
 
 def _load(args: argparse.Namespace) -> tuple[ServableApp, TLSConfig | None]:
@@ -374,6 +482,8 @@ def _load(args: argparse.Namespace) -> tuple[ServableApp, TLSConfig | None]:
         return app, None
     try:
         tls = TLSConfig(args.tls_cert, args.tls_key)
+    except TLSLoadError as exc:  # names the file at fault
+        raise UsageError(str(exc)) from exc
     except (OSError, ssl.SSLError, ValueError) as exc:
         raise UsageError(f"cannot load the TLS certificate {args.tls_cert!r}: {exc}") from exc
     return app, tls
@@ -399,17 +509,146 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+# -- listening sockets ------------------------------------------------------------------------
+
+
+@attrs.define
+class Listeners:
+    """Every listening socket of this process, bound before anything is announced."""
+
+    plain: list[socket.socket] = attrs.field(factory=list)
+    tls: list[socket.socket] = attrs.field(factory=list)
+    #: The metrics endpoint's sockets, one list per worker (one list without --workers).
+    metrics: list[list[socket.socket]] = attrs.field(factory=list)
+
+    def close(self) -> None:
+        for sock in (*self.plain, *self.tls, *(s for each in self.metrics for s in each)):
+            sock.close()
+
+
+_WILDCARDS = {"", "0.0.0.0", "::", None}
+
+
+def _check_ports(args: argparse.Namespace) -> None:
+    """Two listeners of ours on one port: said before binding, naming both options."""
+    wanted: list[tuple[str, str | None, int]] = [("--port", args.host, args.port)]
+    if args.tls_port is not None:
+        wanted.append(("--tls-port", args.host, args.tls_port))
+    if args.metrics_port is not None:
+        for index in range(args.workers):
+            name = "--metrics-port"
+            if args.workers > 1:
+                name = f"the metrics port of worker {index} (--metrics-port + {index})"
+            port = args.metrics_port + index if args.metrics_port else 0
+            if port > 65535:
+                raise UsageError(f"{name} would be {port}, past 65535: lower --metrics-port")
+            wanted.append((name, args.metrics_host, port))
+    for i, (name, host, port) in enumerate(wanted):
+        for other, other_host, other_port in wanted[:i]:
+            same_host = host == other_host or host in _WILDCARDS or other_host in _WILDCARDS
+            if port and port == other_port and same_host:
+                raise UsageError(f"{name} is {port}, as {other} is: give each its own port")
+
+
+def _bind(port_option: str, host_option: str, host: str | None, port: int) -> list[socket.socket]:
+    try:
+        return bind_sockets(host, port)
+    except OSError as exc:
+        raise UsageError(_bind_problem(port_option, host_option, host, port, exc)) from exc
+
+
+def _bind_problem(
+    port_option: str, host_option: str, host: str | None, port: int, exc: OSError
+) -> str:
+    """What went wrong binding ``host``:``port``, and what to do about it, in one line."""
+    if isinstance(exc, socket.gaierror):
+        return f"{host_option} {host!r}: no such host or address ({exc.strerror})"
+    where = f"{_format_address((host or '*', port))} ({port_option})"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{where} is in use by another process: stop it, or choose another port"
+    if exc.errno == errno.EACCES and 0 < port < 1024:
+        return (
+            f"{where}: a port below 1024 needs root or the CAP_NET_BIND_SERVICE capability "
+            "(systemd: AmbientCapabilities=CAP_NET_BIND_SERVICE); or listen above 1023 "
+            "behind a firewall redirect"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: {host} is not an address of this machine ({host_option})"
+    return f"cannot listen on {where}: {(exc.strerror or str(exc)).lower()}"
+
+
+def _bind_all(args: argparse.Namespace) -> Listeners:
+    _check_ports(args)
+    listeners = Listeners()
+    try:
+        listeners.plain = _bind("--port", "--host", args.host, args.port)
+        if args.tls_port is not None:
+            listeners.tls = _bind("--tls-port", "--host", args.host, args.tls_port)
+        if args.metrics_port is not None:
+            for index in range(args.workers):
+                port = args.metrics_port and args.metrics_port + index
+                name = "--metrics-port" if args.workers == 1 else f"--metrics-port + {index}"
+                listeners.metrics.append(_bind(name, "--metrics-host", args.metrics_host, port))
+    except BaseException:
+        listeners.close()
+        raise
+    return listeners
+
+
+def _inherited(args: argparse.Namespace) -> Listeners:
+    """A worker's sockets, bound by the parent; it closes the other workers' metrics sockets."""
+    mine: list[socket.socket] = []
+    for entry in args.listen_metrics_fd:
+        index, _, fd = entry.partition(":")
+        if int(index) == args.worker_index:
+            mine.append(socket.socket(fileno=int(fd)))
+        else:
+            os.close(int(fd))
+    return Listeners(
+        [socket.socket(fileno=fd) for fd in args.listen_fd],
+        [socket.socket(fileno=fd) for fd in args.listen_tls_fd],
+        [mine] if mine else [],
+    )
+
+
+def _address(sock: socket.socket) -> tuple[str, int]:
+    host, port = sock.getsockname()[:2]
+    return str(host), int(port)
+
+
+def _metrics_url(sockets: Sequence[socket.socket]) -> str:
+    return f"http://{_format_address(_address(sockets[0]))}/metrics"
+
+
+def _announce(listeners: Listeners, loop: str) -> None:
+    for sock in listeners.plain:
+        print(f"minismtp listening on {_format_address(_address(sock))} ({loop})")
+    for sock in listeners.tls:
+        print(f"minismtp listening on {_format_address(_address(sock))} with implicit TLS ({loop})")
+    if len(listeners.metrics) == 1:
+        print(f"minismtp metrics on {_metrics_url(listeners.metrics[0])}")
+    else:
+        for index, sockets in enumerate(listeners.metrics):
+            print(f"minismtp metrics of worker {index} on {_metrics_url(sockets)}")
+    sys.stdout.flush()
+
+
+# -- serving ------------------------------------------------------------------------------------
+
+
 async def _serve(
     app: ServableApp,
     tls: TLSConfig | None,
     args: argparse.Namespace,
     loop_name: str,
+    listeners: Listeners,
 ) -> int:
     config = _server_config(args)
     worker = args.worker_index is not None
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     reload_signal = getattr(signal, "SIGHUP", None)
     wanted = [*stop_signals, *([reload_signal] if reload_signal is not None else [])]
+    serving = False
     # Open before announcing the address, so that a signal right after it is not lost.
     with anyio.open_signal_receiver(*wanted) as signals:
         try:
@@ -418,25 +657,21 @@ async def _serve(
                 args.host,
                 args.port,
                 tls=tls,
-                tls_port=args.tls_port,
                 require_tls=args.require_tls,
                 config=config,
-                sockets=[socket.socket(fileno=fd) for fd in args.listen_fd],
-                tls_sockets=[socket.socket(fileno=fd) for fd in args.listen_tls_fd],
+                sockets=listeners.plain,
+                tls_sockets=listeners.tls,
             )
             async with running as server, anyio.create_task_group() as extras:
-                if args.metrics_port is not None:
-                    port = args.metrics_port and args.metrics_port + (args.worker_index or 0)
-                    bound = await extras.start(
-                        serve_metrics, server.metrics, args.metrics_host, port
-                    )
-                    print(f"minismtp metrics on http://{args.metrics_host}:{bound}/metrics")
+                if listeners.metrics:
+                    await extras.start(_serve_metrics, server, listeners.metrics[0])
+                serving = True
                 if worker:
                     await extras.start(watch_parent)
+                    report_status(args.status_fd, READY)
                     log.info("worker %d (pid %d) serving", args.worker_index, os.getpid())
                 else:
-                    _announce(server.addresses, server.tls_addresses, loop_name)
-                sys.stdout.flush()
+                    _announce(listeners, loop_name)
                 async for signum in signals:
                     if signum in stop_signals:
                         log.info("%s: shutting down", signal.Signals(signum).name)
@@ -447,51 +682,78 @@ async def _serve(
                     await server.stop()
                     tasks.cancel_scope.cancel()
                 extras.cancel_scope.cancel()
-        except OSError as exc:
-            # The port is in use, or the Maildir cannot be created: said once, exit 2.
-            print(f"minismtp: error: {exc}", file=sys.stderr)
-            return 2
+        except Exception as exc:
+            if serving:
+                raise  # a bug while serving: its traceback
+            # The App could not start: a Maildir that cannot be written, a startup hook.
+            return _fail(args, _startup_problem(exc))
     return 0
 
 
-def _announce(
-    addresses: Sequence[tuple[str, int]], tls_addresses: Sequence[tuple[str, int]], loop: str
+async def _serve_metrics(
+    server: Server, sockets: list[socket.socket], *, task_status: anyio.abc.TaskStatus[int]
 ) -> None:
-    for address in addresses:
-        print(f"minismtp listening on {_format_address(address)} ({loop})")
-    for address in tls_addresses:
-        print(f"minismtp listening on {_format_address(address)} with implicit TLS ({loop})")
+    await serve_metrics(server.metrics, None, 0, sockets=sockets, task_status=task_status)
 
 
-def _supervise(argv: Sequence[str], args: argparse.Namespace, loop_name: str) -> int:
-    """The parent of ``--workers N``: bind, start the workers, keep them running."""
+def _startup_problem(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:  # a task group's
+        exc = exc.exceptions[0]
+    if isinstance(exc, MaildirError):
+        return str(exc)  # names the path and the problem
+    return f"the App did not start: {_explain(exc)}"
+
+
+def _fail(args: argparse.Namespace, problem: str) -> int:
+    """Say ``problem`` in one line and give exit status 2; a worker tells its parent, which
+    says it once for all the tries (see :mod:`minismtp.workers`)."""
+    if getattr(args, "status_fd", None) is not None:
+        report_status(args.status_fd, problem.encode("utf-8", "replace"))
+    else:
+        print(f"minismtp: error: {problem}", file=sys.stderr)
+    return 2
+
+
+def _check_store(app: ServableApp) -> None:
+    """The parent of ``--workers`` serves no App: it opens its store once, as every worker
+    will, so that a store that cannot be written is said once, before any worker starts."""
+    store = getattr(app, "store", None) or getattr(app, "maildir", None)
+    if store is None or not hasattr(store, "open"):
+        return
+
+    async def open_and_close() -> None:
+        await store.open()
+        if hasattr(store, "close"):
+            await store.close()
+
     try:
-        plain = bind_sockets(args.host, args.port)
-        implicit = bind_sockets(args.host, args.tls_port) if args.tls_port is not None else []
-    except OSError as exc:
-        print(f"minismtp: error: {exc}", file=sys.stderr)
-        return 2
-    _announce(
-        [_address(sock) for sock in plain],
-        [_address(sock) for sock in implicit],
-        f"{loop_name}, {args.workers} workers",
-    )
-    sys.stdout.flush()
-    plain_fds = [sock.fileno() for sock in plain]
-    tls_fds = [sock.fileno() for sock in implicit]
+        anyio.run(open_and_close)
+    except MaildirError as exc:
+        raise UsageError(str(exc)) from exc
+    except Exception as exc:
+        raise UsageError(f"the App's store did not open: {_explain(exc)}") from exc
+
+
+def _supervise(
+    argv: Sequence[str], args: argparse.Namespace, loop_name: str, listeners: Listeners
+) -> int:
+    """The parent of ``--workers N``: bound already; start the workers, keep them running."""
+    _announce(listeners, f"{loop_name}, {args.workers} workers")
+    plain_fds = [sock.fileno() for sock in listeners.plain]
+    tls_fds = [sock.fileno() for sock in listeners.tls]
+    metrics_fds = [[sock.fileno() for sock in sockets] for sockets in listeners.metrics]
     supervisor = Supervisor(
-        worker_command(argv, plain_fds, tls_fds), args.workers, [*plain_fds, *tls_fds]
+        worker_command(argv, plain_fds, tls_fds, metrics_fds),
+        args.workers,
+        [*plain_fds, *tls_fds, *(fd for fds in metrics_fds for fd in fds)],
     )
     try:
-        return anyio.run(supervisor.run)
+        status = anyio.run(supervisor.run)
     finally:
-        for sock in (*plain, *implicit):
-            sock.close()
-
-
-def _address(sock: socket.socket) -> tuple[str, int]:
-    host, port = sock.getsockname()[:2]
-    return str(host), int(port)
+        listeners.close()
+    if supervisor.failure is not None:
+        print(f"minismtp: error: {supervisor.failure}", file=sys.stderr)
+    return status
 
 
 def _reload(server: Server) -> None:
@@ -518,7 +780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_usage(sys.stderr)
+        parser.print_help(sys.stderr)
         return 2
     logs.configure(args.log_level)
     # As uvicorn does: ``minismtp run myapp:app`` finds myapp.py where the user stands.
@@ -529,20 +791,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The parent of --workers loads the App too: a bad one is one line and exit 2 here.
         app, tls = _load(args)
         _server_config(args)
+        supervising = args.workers > 1 and args.worker_index is None
+        if supervising:
+            _check_store(app)
+        listeners = _inherited(args) if args.worker_index is not None else _bind_all(args)
     except UsageError as exc:
         if args.log_level == "debug" and exc.__cause__ is not None:
             traceback.print_exception(exc.__cause__)
-        print(f"minismtp: error: {exc}", file=sys.stderr)
-        return 2
-    if args.workers > 1 and args.worker_index is None:
-        return _supervise(argv, args, loop_name)
+        return _fail(args, str(exc))
+    if supervising:
+        return _supervise(argv, args, loop_name, listeners)
     allocator.tune()  # large messages without a page fault per page (see the module)
     try:
         result: int = anyio.run(
-            _serve, app, tls, args, loop_name, backend=backend, backend_options=backend_options
+            _serve,
+            app,
+            tls,
+            args,
+            loop_name,
+            listeners,
+            backend=backend,
+            backend_options=backend_options,
         )
     except KeyboardInterrupt:  # before the signal handlers were in place
         return 130
+    finally:
+        listeners.close()  # those serve() did not take (closing twice does no harm)
     if args.worker_index is not None:
         # The parent may pass on a signal that crossed our exit (systemd signals every process
         # of the unit unless KillMode=mixed): the stop is done, it must not kill us now.

@@ -37,7 +37,7 @@ import attrs
 from minismtp.events import Connect, Disconnect, Event, Mail
 from minismtp.host import FastPath, Host, ServableApp
 from minismtp.ids import new_id
-from minismtp.logs import InfoLine
+from minismtp.logs import InfoLine, transaction_line
 from minismtp.protocol import NEED_DATA, Closed, Engine, NeedData, StartTLS
 from minismtp.proxy import proxy_addresses
 from minismtp.replies import (
@@ -417,16 +417,9 @@ class Connection:
                 metrics.transactions_abandoned += 1
             else:
                 metrics.transaction_finished(code)
-            if not log.isEnabledFor(logging.INFO):
-                continue
-            recipients = ",".join([f"<{rcpt}>" for rcpt in transaction.rcpt_to])
-            _transaction_line(
-                f"session {session.id} from {session.peer[0]} helo={session.helo_name} "
-                f"from=<{transaction.mail_from}> to={recipients} size={transaction.size} "
-                f"reply={code if code is not None else 'abandoned'} "
-                f"id={transaction.message_id or '-'} "
-                f"duration={_now() - self._transaction_started:.3f}s"
-            )
+            if log.isEnabledFor(logging.INFO):
+                duration = _now() - self._transaction_started
+                _transaction_line(transaction_line(session, transaction, duration))
 
 
 async def serve_connection(

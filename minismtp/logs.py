@@ -17,10 +17,69 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from minismtp.types import Session, Transaction
 
 # "000" to "999": indexing costs a fifth of formatting with ":03d", once per line.
 _MILLISECONDS = tuple(f"{ms:03d}" for ms in range(1000))
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def field(text: str | None) -> str:
+    """``text`` as one field of a log line: what the client chose (a HELO name, an address)
+    must not write control characters into the operator's terminal, nor a space that would
+    split the field; each such character, and the backslash, is written ``\\xNN``. Printable
+    non-ASCII (an SMTPUTF8 address) is kept. None is ``-``."""
+    if text is None:
+        return "-"
+    if text.isprintable() and " " not in text and "\\" not in text:
+        return text  # nearly always: three scans in C
+    return "".join(
+        [_escape(c) if c == " " or c == "\\" or not c.isprintable() else c for c in text]
+    )
+
+
+def quoted(text: str) -> str:
+    """``text`` (free text, a reply's) as a log field in double quotes, escaped as
+    :func:`field` does but with its spaces kept."""
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    escaped = [_escape(c) if c in '"\\' or not c.isprintable() else c for c in text]
+    return '"' + "".join(escaped) + '"'
+
+
+def transaction_line(session: Session, transaction: Transaction, duration: float) -> str:
+    """The server's INFO line for one mail transaction, however it ended.
+
+    ``session <id> from <peer> helo=<name> from=<sender> to=<recipients> size=<octets>
+    reply=<code> id=<message id> duration=<seconds>s``, with ``refused=<address>:<code>,...``
+    after ``to=`` for each recipient refused, and ``reason="<status> <text>"`` after
+    ``reply=`` when the content was refused. ``size`` of a refused message is what it had
+    reached when it was refused.
+    """
+    code = transaction.reply_code
+    recipients = ",".join([f"<{field(str(rcpt))}>" for rcpt in transaction.rcpt_to])
+    line = (
+        f"session {session.id} from {session.peer[0]} helo={field(session.helo_name)} "
+        f"from=<{field(str(transaction.mail_from))}> to={recipients}"
+    )
+    refused = transaction.refused_rcpts
+    if refused:
+        line += " refused=" + ",".join(
+            [f"<{field(str(address))}>:{reply.code}" for address, reply in refused]
+        )
+    line += f" size={transaction.size} reply={code if code is not None else 'abandoned'}"
+    if transaction.refusal is not None:
+        line += f" reason={quoted(transaction.refusal)}"
+    return f"{line} id={transaction.message_id or '-'} duration={duration:.3f}s"
 
 
 class Formatter(logging.Formatter):

@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Sequence
 
 import anyio
 import attrs
-from anyio.abc import ByteStream, SocketAttribute, TaskStatus
+from anyio.abc import (
+    ByteStream,
+    Listener,
+    SocketAttribute,
+    SocketListener,
+    SocketStream,
+    TaskStatus,
+)
+from anyio.streams.stapled import MultiListener
 
 log = logging.getLogger("minismtp.metrics")
 
@@ -169,15 +178,23 @@ async def serve_metrics(
     port: int,
     *,
     request_timeout: float = 10.0,
+    sockets: Sequence[socket.socket] = (),
     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``GET /metrics`` on ``host``:``port`` until cancelled; start it with
     ``port = await task_group.start(serve_metrics, metrics, host, port)``, which gives the
     port bound (useful with port 0). Other paths get 404, other methods 405.
+
+    ``sockets``: listening sockets bound already (``minismtp run`` binds every listener
+    before it announces any); ``host`` and ``port`` are then not bound.
     """
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    listener: Listener[SocketStream]
+    if sockets:
+        listener = MultiListener([await SocketListener.from_socket(sock) for sock in sockets])
+    else:
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
     async with listener:
         bound = listener.extra(SocketAttribute.local_port)
-        log.info("metrics on http://%s:%d/metrics", host or "*", bound)
+        log.debug("metrics on http://%s:%d/metrics", host or "*", bound)
         task_status.started(bound)
         await listener.serve(functools.partial(_answer, metrics, request_timeout))

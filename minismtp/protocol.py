@@ -284,6 +284,11 @@ class Engine:
             if accepted:
                 event.transaction.rcpt_to.append(event.address)
                 event.transaction.rcpt_params.append(event.params)
+            else:
+                transaction = event.transaction
+                if transaction.refused_rcpts is None:
+                    transaction.refused_rcpts = []
+                transaction.refused_rcpts.append((event.address, reply))
         elif isinstance(event, Mail):
             self._out.append(_reply_with_status(reply))
             if accepted:
@@ -293,6 +298,8 @@ class Engine:
             if accepted:
                 self.session.transactions += 1
                 self._junk = 0
+            else:
+                event.transaction.refusal = f"{reply.status or ''} {reply.lines[0]}".lstrip()
             self._reset_transaction(reply.code)
         elif isinstance(event, Helo):
             self._out.append(bytes(reply))
@@ -671,6 +678,9 @@ class Engine:
         self._state = _COMMAND
         if failure is not None or transaction is None:
             failure = failure or NEED_MAIL
+            if transaction is not None:
+                transaction.size = reader.size  # for the log: how far it got
+                transaction.refusal = failure[4:].decode("ascii", "replace").rstrip()
             self._reply(failure)
             self._reset_transaction(int(failure[:3]))
             return None

@@ -48,11 +48,68 @@ def server_context(
     """
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert_path, key_path)
+    _load_cert_chain(context, cert_path, key_path)
     if client_ca_path is not None:
         context.load_verify_locations(client_ca_path)
         context.verify_mode = ssl.CERT_OPTIONAL
     return context
+
+
+class TLSLoadError(ValueError):
+    """The certificate or the key cannot be used; the text names the file and the problem."""
+
+
+def _no_password() -> bytes:
+    # Without a callback OpenSSL would prompt on the terminal, and a server would hang there.
+    raise TLSLoadError("is encrypted (give the key without a passphrase)")
+
+
+def _read_pem(path: StrPath, what: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        problem = (exc.strerror or str(exc)).lower()
+        raise TLSLoadError(f"cannot read the TLS {what} {os.fspath(path)!r}: {problem}") from exc
+
+
+def _load_cert_chain(context: ssl.SSLContext, cert_path: StrPath, key_path: StrPath | None) -> None:
+    """``context.load_cert_chain``, with an error that blames the right file.
+
+    OpenSSL says "PEM lib" or "No such file" without saying which of the two files it means;
+    each file is read and looked at first, so that the error names it.
+    """
+    cert = os.fspath(cert_path)
+    cert_pem = _read_pem(cert_path, "certificate")
+    if b"-----BEGIN CERTIFICATE-----" not in cert_pem:
+        raise TLSLoadError(f"the TLS certificate file {cert!r} holds no PEM certificate")
+    if key_path is None:
+        if b"PRIVATE KEY-----" not in cert_pem:
+            raise TLSLoadError(
+                f"the TLS certificate file {cert!r} holds no private key: "
+                "name the key's file too (--tls-key)"
+            )
+        key, key_what = cert, "certificate file"
+    else:
+        key, key_what = os.fspath(key_path), "key file"
+        if b"PRIVATE KEY-----" not in _read_pem(key_path, "key"):
+            raise TLSLoadError(f"the TLS key file {key!r} holds no PEM private key")
+    try:
+        context.load_cert_chain(cert_path, key_path, password=_no_password)
+    except TLSLoadError as exc:
+        raise TLSLoadError(f"the TLS private key in {key!r} {exc}") from None
+    except ssl.SSLError as exc:
+        text = str(exc)
+        if "KEY_VALUES_MISMATCH" in text or "key values mismatch" in text:
+            raise TLSLoadError(
+                f"the TLS key in {key!r} does not belong to the certificate in {cert!r}"
+            ) from exc
+        raise TLSLoadError(
+            f"cannot load the TLS certificate {cert!r} with the key in the {key_what} "
+            f"{key!r}: {exc.reason or text}"
+        ) from exc
+    except OSError as exc:  # changed between our read and OpenSSL's
+        raise TLSLoadError(f"cannot load the TLS certificate {cert!r}: {exc}") from exc
 
 
 @attrs.define
@@ -66,7 +123,8 @@ class TLSConfig:
     context: ssl.SSLContext = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        # A broken certificate at start-up is an error for the caller (the CLI exits 2).
+        # A broken certificate at start-up is an error for the caller (the CLI exits 2):
+        # TLSLoadError, whose text names the file at fault.
         self.context = self._load()
 
     def _load(self) -> ssl.SSLContext:
@@ -77,9 +135,9 @@ class TLSConfig:
         try:
             context = self._load()
         except (OSError, ssl.SSLError, ValueError) as exc:
-            log.error(
-                "TLS certificate not reloaded, keeping the old one: %s: %s", self.cert_path, exc
-            )
+            # TLSLoadError names the file at fault; anything else is about the certificate.
+            problem = exc if isinstance(exc, TLSLoadError) else f"{self.cert_path}: {exc}"
+            log.error("TLS certificate not reloaded, keeping the old one: %s", problem)
             return False
         self.context = context
         log.info("TLS certificate reloaded from %s", self.cert_path)

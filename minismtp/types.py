@@ -219,6 +219,10 @@ class Transaction:
     #: once the App handed it over, that message. The engine closes and forgets it when the
     #: transaction ends without a hand-over.
     message: Message | None = attrs.field(default=None, repr=False)
+    # For the log line: the recipients refused (with the reply each got), and the status and
+    # text of a refusal of the content.
+    refused_rcpts: list[tuple[Address, Reply]] | None = None
+    refusal: str | None = None
 
     @property
     def declared_size(self) -> int | None:

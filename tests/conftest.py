@@ -55,9 +55,18 @@ async def server(app: App, config: ServerConfig) -> AsyncIterator[Server]:
 
 
 @pytest.fixture
-async def tls_server(app: App, config: ServerConfig, certs: Certificates) -> AsyncIterator[Server]:
+def handshake_timeout() -> float:
+    """The TLS handshake timeout of ``tls_server``: long, for handshakes that must succeed on a
+    loaded machine; a test of the timeout itself parametrizes a short one."""
+    return 30.0
+
+
+@pytest.fixture
+async def tls_server(
+    app: App, config: ServerConfig, certs: Certificates, handshake_timeout: float
+) -> AsyncIterator[Server]:
     """``app`` served with STARTTLS on ``port`` and implicit TLS on ``tls_port``."""
-    tls = TLSConfig(certs.cert_path, certs.key_path, handshake_timeout=1.0)
+    tls = TLSConfig(certs.cert_path, certs.key_path, handshake_timeout=handshake_timeout)
     async with serve(app, "127.0.0.1", 0, tls=tls, tls_port=0, config=config) as running:
         yield running
 

@@ -51,9 +51,15 @@ def test_the_default_maildir_spools_in_its_tmp(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (("--spool-memory", "-1"), "must not be negative"),
-        (("--spool-memory", "lots"), "not a whole number"),
-        (("--spool-dir", "/nonexistent/spool"), "--spool-dir: not a directory"),
+        (
+            ("--spool-memory", "-1"),
+            r"argument --spool-memory: must not be negative: -1 \(see 'minismtp run --help'\)",
+        ),
+        (
+            ("--spool-memory", "lots"),
+            r"argument --spool-memory: not a whole number: 'lots' \(see 'minismtp run --help'\)",
+        ),
+        (("--spool-dir", "/nonexistent/spool"), "--spool-dir: not a directory: '/nonexistent/spool'"),
     ],
 )
 def test_bad_spool_options_exit_2_with_one_line(args: tuple[str, ...], expected: str) -> None:

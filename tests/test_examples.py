@@ -4,85 +4,26 @@
 - mx: served as its docstring says, ``minismtp run examples.mx:app`` in a subprocess;
 - test_hooks_example: run by pytest, as a user runs it.
 
-``minismtp_run`` (a ``minismtp run`` subprocess on a free port) is shared with test_docs.py.
+The ``minismtp run`` subprocess is :func:`tests.helpers.processes.run`.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import select
-import signal
 import smtplib
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
-import attrs
 import pytest
 
 from minismtp import App
 from minismtp.server import ServerConfig, serve
+from tests.helpers.processes import ROOT, project_env, run
 
-ROOT = Path(__file__).resolve().parent.parent
 BODY = b"From: a@example.org\r\nSubject: hello\r\n\r\nHello, example.com.\r\n"
 HOOKS_EXAMPLE = "examples/test_hooks_example.py"
-_LISTENING = re.compile(r"minismtp listening on 127\.0\.0\.1:(\d+) \(")
-
-
-def project_env(**extra: str) -> dict[str, str]:
-    """The environment of a subprocess: this one, with the project root importable."""
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": path, **extra}
-
-
-@attrs.define
-class RunningCli:
-    """A ``minismtp run`` subprocess; after the ``with`` block, what it said and its status."""
-
-    process: subprocess.Popen[str]
-    port: int
-    stdout: str = ""
-    stderr: str = ""
-    returncode: int | None = None
-
-
-@contextmanager
-def minismtp_run(*args: str, cwd: Path, **env: str) -> Iterator[RunningCli]:
-    """``minismtp run *args --port 0`` in ``cwd`` until the block ends, then SIGTERM.
-
-    The port is read from the line the command prints once it listens.
-    """
-    process = subprocess.Popen(
-        [sys.executable, "-m", "minismtp", "run", *args, "--port", "0"],
-        cwd=cwd,
-        env=project_env(**env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    ready, _, _ = select.select([process.stdout], [], [], 30)
-    match = _LISTENING.match(process.stdout.readline() if ready else "")
-    if match is None:
-        process.kill()
-        out, err = process.communicate()
-        pytest.fail(f"minismtp run did not start:\n{out}\n{err}")
-    running = RunningCli(process, int(match[1]))
-    try:
-        yield running
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            running.stdout, running.stderr = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            running.stdout, running.stderr = process.communicate()
-        running.returncode = process.returncode
 
 
 def test_every_example_is_run_here() -> None:
@@ -157,7 +98,7 @@ async def test_custom_middleware_refuses_denied_recipients_before_the_hooks(
 def test_mx_served_by_minismtp_run_refuses_relay_and_greylists(tmp_path: Path) -> None:
     """As examples/mx.py's docstring runs it: ``MX_MAILDIR=... minismtp run examples.mx:app``."""
     inbound = tmp_path / "inbound"
-    with minismtp_run("examples.mx:app", cwd=tmp_path, MX_MAILDIR=str(inbound)) as running:
+    with run("examples.mx:app", cwd=tmp_path, MX_MAILDIR=str(inbound)) as running:
         with smtplib.SMTP("127.0.0.1", running.port, timeout=10) as client:
             code, ehlo = client.ehlo("client.example.org")
             assert code == 250 and b"SIZE 26214400" in ehlo.splitlines()
@@ -167,7 +108,7 @@ def test_mx_served_by_minismtp_run_refuses_relay_and_greylists(tmp_path: Path) -
         "b@example.com": (451, b"4.7.1 Greylisted, try again later"),
         "c@other.org": (550, b"5.7.1 Relay access denied"),
     }
-    assert running.returncode == 0, running.stderr
+    assert running.returncode == 0, running.output
     assert (inbound / "new").is_dir() and not any((inbound / "new").iterdir())
 
 

@@ -29,7 +29,7 @@ from minismtp.spool import STALE_AFTER, clean_directory
 if TYPE_CHECKING:
     from minismtp.message import Message
 
-__all__ = ["Maildir", "unique_name"]
+__all__ = ["Maildir", "MaildirError", "check_writable", "unique_name"]
 
 _counter = itertools.count(1)
 
@@ -49,6 +49,35 @@ def unique_name(hostname: str) -> str:
     seconds, micros = divmod(now, 1_000_000)
     rand = os.urandom(4).hex()
     return f"{seconds}.M{micros}P{os.getpid()}Q{next(_counter)}R{rand}.{hostname}"
+
+
+class MaildirError(OSError):
+    """A Maildir that cannot be used; the text names the path and the problem."""
+
+
+def _problem(exc: OSError) -> str:
+    """``path: what went wrong``, as an operator reads it (not ``[Errno 20] ...``)."""
+    what = (exc.strerror or str(exc)).lower()
+    return f"{exc.filename}: {what}" if exc.filename is not None else what
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Create the folders of the Maildir at ``path`` and a file in its ``tmp/``, then remove
+    the file: at start-up, so that a Maildir that cannot be written fails then, with
+    :class:`MaildirError`, and not with a 451 for every message (blocking: run it in a thread).
+    """
+    root = Path(path)
+    try:
+        for sub in ("tmp", "new", "cur"):
+            (root / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        probe = root / "tmp" / f".minismtp-check.{os.getpid()}.{os.urandom(4).hex()}"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        error = MaildirError(f"cannot write the Maildir {os.fspath(path)!r}: {_problem(exc)}")
+        error.errno = exc.errno
+        raise error from exc
 
 
 @attrs.define(eq=False)
@@ -86,10 +115,12 @@ class Maildir:
         self._created = True
 
     async def open(self) -> None:
-        """Create the folders now, so that a bad path shows at startup, not at the first mail;
-        remove what ``tmp/`` holds from deliveries that never finished (older than 36 hours,
-        as the Maildir specification says)."""
-        await anyio.to_thread.run_sync(self.create)
+        """Create the folders and check that a file can be written in ``tmp/``, so that a bad
+        path shows at startup (:class:`MaildirError`), not at the first mail; remove what
+        ``tmp/`` holds from deliveries that never finished (older than 36 hours, as the
+        Maildir specification says)."""
+        await anyio.to_thread.run_sync(check_writable, self.path)
+        self._created = True
         await anyio.to_thread.run_sync(self.clean_tmp)
 
     def clean_tmp(self, older_than: float = STALE_AFTER) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-import attrs
 import pytest
 
 from minismtp.app import App
@@ -20,18 +19,11 @@ from minismtp.ids import new_id
 from minismtp.message import Message
 from minismtp.testing import TestClient
 from minismtp.types import Address, Reply, Session, Transaction
+from tests.helpers.clock import FakeClock
 
 pytestmark = pytest.mark.anyio
 
 LIMIT = 10_000
-
-
-@attrs.define
-class FakeClock:
-    now: float = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def stack(clock: FakeClock) -> list[tuple[Any, dict[str, Any]]]:

@@ -20,6 +20,7 @@ from minismtp.contrib.greylist import (
 from minismtp.server import serve
 from minismtp.testing import TestClient
 from minismtp.types import Reply
+from tests.helpers.clock import FakeClock
 
 pytestmark = pytest.mark.anyio
 
@@ -27,14 +28,6 @@ GREYLISTED = Reply(451, "4.7.1", "Greylisted, try again later")
 RCPT_OK = Reply(250, "2.1.5", "OK")
 BODY = b"Subject: hi\r\n\r\nHello.\r\n"
 DELAY = 300.0
-
-
-@attrs.define
-class FakeClock:
-    now: float = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def greylisted_app(clock: FakeClock, **options: Any) -> App:

@@ -7,25 +7,17 @@ import smtplib
 from pathlib import Path
 
 import anyio
-import attrs
 import pytest
 
 from examples.mx import MAX_MESSAGE_SIZE, create_app
 from minismtp.server import ServerConfig, serve
 from minismtp.testing import TestClient
 from minismtp.types import Reply
+from tests.helpers.clock import FakeClock
 
 pytestmark = pytest.mark.anyio
 
 BODY = b"From: a@example.org\r\nSubject: hello\r\n\r\nHello, example.com.\r\n"
-
-
-@attrs.define
-class FakeClock:
-    now: float = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def stored(maildir: Path) -> list[bytes]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
-import attrs
 import pytest
 
 from minismtp.app import App
@@ -15,20 +14,13 @@ from minismtp.server import ServerConfig, serve
 from minismtp.testing import TestClient
 from minismtp.types import Reply
 from tests.helpers.clients import Connect, WireClient
+from tests.helpers.clock import FakeClock
 
 pytestmark = pytest.mark.anyio
 
 TOO_MANY = "421 4.7.0 Too many connections from your address, try later"
 TOO_FAST = Reply(421, "4.7.0", "Connection rate limit exceeded, try later")
 GREETING = Reply(220, None, "mx.test ESMTP")
-
-
-@attrs.define
-class FakeClock:
-    now: float = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def limited_app(**options: Any) -> tuple[App, list[ConnectionLimit]]:
@@ -114,7 +106,7 @@ async def connect_and_quit(client: TestClient, host: str) -> Reply:
 
 
 async def test_rate_limit_421_4_7_0_then_refills_over_the_minute() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     app, _ = limited_app(per_ip_per_minute=3, clock=clock)
     async with TestClient(app) as client:
         burst = [await connect_and_quit(client, "192.0.2.1") for _ in range(4)]
@@ -132,7 +124,7 @@ async def test_rate_limit_421_4_7_0_then_refills_over_the_minute() -> None:
 
 
 async def test_refused_attempts_count_so_a_hammering_client_stays_refused() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     app, _ = limited_app(per_ip_per_minute=1, clock=clock)
     async with TestClient(app) as client:
         assert await connect_and_quit(client, "192.0.2.1") == GREETING
@@ -144,7 +136,7 @@ async def test_refused_attempts_count_so_a_hammering_client_stays_refused() -> N
 
 
 async def test_ipv6_clients_counted_by_64_ipv4_by_address() -> None:
-    app, _ = limited_app(per_ip_per_minute=2, clock=FakeClock())
+    app, _ = limited_app(per_ip_per_minute=2, clock=FakeClock(1000.0))
     async with TestClient(app) as client:
         hosts = ["2001:db8::1", "2001:db8::ffff:2", "2001:db8:0:0:1::3", "2001:db8:0:1::1"]
         replies = [await connect_and_quit(client, host) for host in hosts]
@@ -155,7 +147,7 @@ async def test_ipv6_clients_counted_by_64_ipv4_by_address() -> None:
 
 
 async def test_counters_stay_bounded_under_many_addresses() -> None:
-    app, made = limited_app(per_ip=5, per_ip_per_minute=5, max_clients=100, clock=FakeClock())
+    app, made = limited_app(per_ip=5, per_ip_per_minute=5, max_clients=100, clock=FakeClock(1000.0))
     async with TestClient(app) as client:
         for i in range(2000):
             host = f"10.{i // 65536}.{i // 256 % 256}.{i % 256}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import ssl
 from pathlib import Path
 
@@ -34,3 +35,31 @@ def issue_certificates(directory: Path, common_name: str = "localhost") -> Certi
     cert_path.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
     ca.cert_pem.write_to_path(str(ca_path))
     return Certificates(ca, cert_path, key_path, ca_path)
+
+
+@attrs.frozen
+class RenewedCertificate:
+    """The files a server is started with (``args``), holding the ``first`` certificate until
+    :meth:`renew` puts the ``second`` in their place, as an operator renewing it does."""
+
+    first: Certificates
+    second: Certificates
+    cert: Path
+    key: Path
+
+    @classmethod
+    def issue(cls, directory: Path) -> RenewedCertificate:
+        first = issue_certificates(directory / "first")
+        second = issue_certificates(directory / "second")
+        renewed = cls(first, second, directory / "cert.pem", directory / "key.pem")
+        shutil.copy(first.cert_path, renewed.cert)
+        shutil.copy(first.key_path, renewed.key)
+        return renewed
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        return ("--tls-cert", str(self.cert), "--tls-key", str(self.key))
+
+    def renew(self) -> None:
+        shutil.copy(self.second.cert_path, self.cert)
+        shutil.copy(self.second.key_path, self.key)

@@ -27,9 +27,13 @@ def anyio_backend(request: pytest.FixtureRequest) -> Any:
     return request.param
 
 
-@pytest.fixture
-def config() -> ServerConfig:
-    return ServerConfig(shutdown_grace=2.0, proxy_protocol=True, proxy_timeout=0.5)
+@pytest.fixture(params=["auto", "stream"])
+def config(request: pytest.FixtureRequest) -> ServerConfig:
+    """Both transports; a PROXY deadline long enough for any header that is sent (the test of
+    the deadline itself has its own)."""
+    return ServerConfig(
+        shutdown_grace=2.0, proxy_protocol=True, proxy_timeout=30.0, transport=request.param
+    )
 
 
 @pytest.fixture
@@ -143,6 +147,13 @@ async def test_truncated_header_then_eof_closed_without_greeting(
     assert not sessions and server.metrics.proxy_errors == 1
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        ServerConfig(proxy_protocol=True, proxy_timeout=0.5, transport=transport)
+        for transport in ("auto", "stream")
+    ],
+)
 async def test_missing_header_closed_at_the_deadline_without_greeting(
     server: Server, sessions: list[Session], connect: Connect
 ) -> None:

@@ -13,7 +13,7 @@ import pytest
 import trustme
 
 from minismtp.app import App
-from minismtp.server import Server, serve
+from minismtp.server import Server, ServerConfig, serve
 from minismtp.tls import TLSConfig
 from minismtp.types import Address, Reply, Session, TLSInfo, Transaction
 from tests.helpers.backends import with_uvloop
@@ -26,6 +26,12 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture(params=with_uvloop(), scope="module")
 def anyio_backend(request: pytest.FixtureRequest) -> Any:
     return request.param
+
+
+@pytest.fixture(params=["auto", "stream"])
+def config(request: pytest.FixtureRequest) -> ServerConfig:
+    """Both transports: "auto" (an asyncio Protocol on asyncio) and anyio's streams."""
+    return ServerConfig(shutdown_grace=2.0, transport=request.param)
 
 
 BODY = b"Subject: secret\r\n\r\nOver TLS.\r\n"
@@ -200,6 +206,7 @@ async def test_session_records_the_client_certificate_subject(
 # -- bad clients -----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("handshake_timeout", [1.0])  # the stalled one is to time out
 async def test_bad_handshakes_cost_only_their_connection(
     tls_server: Server,
     certs: Certificates,
