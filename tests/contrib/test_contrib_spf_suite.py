@@ -19,12 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-yaml = pytest.importorskip("yaml")
-pytest.importorskip("dns")
-
-from minismtp.contrib.spf import check_host  # noqa: E402
-from minismtp.dns import TIMEOUT, FakeResolver  # noqa: E402
+from minismtp.contrib.spf import check_host
+from minismtp.dns import TIMEOUT, FakeResolver
 
 SUITE = Path(__file__).parent / "data" / "rfc7208-tests.yml"
 TYPES = ("TXT", "A", "AAAA", "MX", "PTR", "CNAME")
@@ -67,7 +65,9 @@ def _zones(zonedata: dict[str, list[Any]]) -> dict[str, Any]:
                 value = b"".join(part.encode("utf-8") for part in value)
             records.setdefault(rdtype, []).append(value)
         if spf and not has_txt and records.get("TXT") is not TIMEOUT:
-            texts = [v.encode() if isinstance(v, str) else b"".join(p.encode() for p in v) for v in spf]
+            texts = [
+                v.encode() if isinstance(v, str) else b"".join(p.encode() for p in v) for v in spf
+            ]
             records.setdefault("TXT", []).extend(texts)
         zones[name] = records
     return zones
@@ -79,7 +79,9 @@ def _cases() -> list[Any]:
         for scenario in yaml.safe_load_all(f):
             zones = _zones(scenario["zonedata"])
             for name, case in scenario["tests"].items():
-                marks = [pytest.mark.xfail(reason=KNOWN[name], strict=True)] if name in KNOWN else []
+                marks = (
+                    [pytest.mark.xfail(reason=KNOWN[name], strict=True)] if name in KNOWN else []
+                )
                 cases.append(pytest.param(zones, case, id=name, marks=marks))
     return cases
 
@@ -97,7 +99,12 @@ async def test_rfc7208_suite(zones: dict[str, Any], case: dict[str, Any]) -> Non
     else:
         domain, sender, identity = helo, f"postmaster@{helo}", "helo"
     result = await check_host(
-        case["host"], domain, sender, helo=helo, resolver=resolver, identity=identity,
+        case["host"],
+        domain,
+        sender,
+        helo=helo,
+        resolver=resolver,
+        identity=identity,
         receiver=case.get("receiver", ""),
     )
     allowed = case["result"] if isinstance(case["result"], list) else [case["result"]]
