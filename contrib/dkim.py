@@ -60,7 +60,7 @@ _SIGNATURE_HEADERS = (b"dkim-signature", b"arc-message-signature", b"arc-seal")
 _HEADER = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:(.*?)(?=\r?\n(?![ \t])|\Z)", re.S | re.M)
 
 
-def _dkim() -> Any:
+def dkimpy() -> Any:
     try:
         import dkim  # type: ignore[import-untyped]
     except ImportError:
@@ -195,7 +195,7 @@ async def _fetch_keys(names: set[str], resolver: Resolver) -> dict[str, bytes | 
 
 
 def _dnsfunc(keys: Keys) -> Callable[..., bytes | None]:
-    dkim = _dkim()
+    dkim = dkimpy()
 
     def lookup(name: bytes, timeout: float = 5) -> bytes | None:
         key = keys.get(name.decode("ascii", "replace").rstrip(".").lower())
@@ -218,7 +218,7 @@ def _verify_signatures(
     max_size: int,
 ) -> tuple[DKIMSignature, ...]:
     """Runs in a worker thread: every DKIM-Signature of the message, top to bottom."""
-    dkim = _dkim()
+    dkim = dkimpy()
     signatures = [value for name, value in headers if name.lower() == b"dkim-signature"]
     results = []
     verifier = None
@@ -268,7 +268,7 @@ def _verify_signatures(
 
 
 def _verify_arc(message: bytes | None, keys: Keys, minkey: int) -> ARCResult:
-    dkim = _dkim()
+    dkim = dkimpy()
     if message is None:
         return ARCResult("none", "message too large to verify")
     # The ARC-Seals' d= and i= straight from the headers: dkimpy gives them only for a full
@@ -293,7 +293,7 @@ async def verify_message(
     the worker thread). Keys are fetched through ``resolver`` (default:
     :func:`~minismtp.dns.default_resolver`); RSA keys shorter than ``minkey`` bits fail.
     """
-    _dkim()
+    dkimpy()
     resolver = resolver or default_resolver()
     message = await anyio.to_thread.run_sync(_read, source, max_size)
     section = (
@@ -377,7 +377,7 @@ class DKIM:
         max_size: int = MAX_SIZE,
         minkey: int = 1024,
     ) -> None:
-        _dkim()
+        dkimpy()
         self.app = app
         self.resolver = resolver
         self.arc = arc

@@ -51,7 +51,7 @@ REJECTED = Reply(550, "5.7.1", "Email rejected per DMARC policy")
 
 
 @lru_cache(maxsize=1)
-def _public_suffix_list() -> Any:
+def public_suffix_list() -> Any:
     try:
         from publicsuffixlist import PublicSuffixList
     except ImportError:
@@ -64,7 +64,7 @@ def organizational_domain(domain: str) -> str:
     """RFC 7489 3.2: the public suffix plus one label (``a.b.example.co.uk`` ->
     ``example.co.uk``); a public suffix itself is its own organizational domain."""
     domain = domain.rstrip(".").lower()
-    found: str | None = _public_suffix_list().privatesuffix(domain)
+    found: str | None = public_suffix_list().privatesuffix(domain)
     return found or domain
 
 
@@ -243,7 +243,7 @@ class DMARC:
         reject: bool = False,
         sample: Callable[[], float] = random.random,
     ) -> None:
-        _public_suffix_list()
+        public_suffix_list()
         self.app = app
         self.resolver = resolver
         self.reject = reject

@@ -606,11 +606,11 @@ class SPF:
             log.debug("session %s: spf=%s (%s)", session.id, result.result, result.reason)
             if result.result == "fail" and self.reject_fail:
                 text = result.explanation or f"SPF check failed for {result.domain}"
-                return Reply(550, "5.7.23", _printable(text))
+                return Reply(550, "5.7.23", printable(text))
             if result.result == "temperror" and self.reject_temperror:
                 return Reply(451, "4.7.24", f"Temporary SPF error for {result.domain}")
         return await self.app(event)
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     return "".join(c if " " <= c <= "~" else "?" for c in text)[:400]
