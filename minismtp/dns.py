@@ -143,13 +143,17 @@ class DnsResolver:
         self.timeout = timeout
 
     async def _resolve(self, name: str, rdtype: str) -> Any:
+        import dns.asyncbackend
         import dns.exception
         import dns.name
         import dns.resolver
 
+        # dnspython remembers the first event loop library it sees as the process's default:
+        # name the one running now, so asyncio and trio can take turns in one process.
+        backend = dns.asyncbackend.get_backend(dns.asyncbackend.sniff())
         try:
             return await self._resolver.resolve(
-                name + ".", rdtype, lifetime=self.timeout, search=False
+                _strip(name) + ".", rdtype, lifetime=self.timeout, search=False, backend=backend
             )
         except dns.resolver.NXDOMAIN:
             raise NXDomain(name, rdtype) from None
