@@ -115,6 +115,17 @@ class ARCResult:
     sealers: tuple[str, ...] = ()
 
 
+class _DkimpyLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """dkimpy logs every signature that does not verify at ERROR: for a receiver that is an
+    everyday result, reported in the header; kept at DEBUG here."""
+
+    def error(self, msg: object, *args: object, **kwargs: Any) -> None:
+        self.debug(msg, *args, **kwargs)
+
+
+_dkimpy_log = _DkimpyLog(logging.getLogger("minismtp.contrib.dkim.dkimpy"), {})
+
+
 def _read(source: Source, max_size: int) -> bytes | None:
     """The message, or None if it is larger than ``max_size`` (then only its header section
     is read, into ``_headers_only`` by the caller)."""
@@ -248,7 +259,7 @@ def _verify_signatures(
             continue
         try:
             if verifier is None:
-                verifier = dkim.DKIM(message, minkey=minkey)
+                verifier = dkim.DKIM(message, logger=_dkimpy_log, minkey=minkey)
             valid = verifier.verify(idx=index, dnsfunc=_dnsfunc(keys))
         except dkim.ValidationError as exc:
             reason = str(exc)
@@ -271,10 +282,12 @@ def _verify_arc(message: bytes | None, keys: Keys, minkey: int) -> ARCResult:
     dkim = dkimpy()
     if message is None:
         return ARCResult("none", "message too large to verify")
-    # The ARC-Seals' d= and i= straight from the headers: dkimpy gives them only for a full
-    # verification.
-    verdict, instances, reason = dkim.arc_verify(message, dnsfunc=_dnsfunc(keys), minkey=minkey)
-    result: ARCVerdict = "none" if verdict is None else verdict.decode("ascii")
+    verdict, instances, reason = dkim.arc_verify(
+        message, logger=_dkimpy_log, dnsfunc=_dnsfunc(keys), minkey=minkey
+    )
+    # dkimpy answers None for a chain that an earlier sealer already reported as failed
+    # (cv=fail): RFC 8617 5.2 makes that chain fail for us too.
+    result: ARCVerdict = "fail" if verdict is None else verdict.decode("ascii")
     sealers = tuple(_text(i.get("as-domain")) for i in instances)
     return ARCResult(result, reason, len(instances), sealers)
 

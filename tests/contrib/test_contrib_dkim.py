@@ -212,3 +212,13 @@ async def test_arc_chain_broken_after_sealing_fails(rsa: DKIMKey) -> None:
 async def test_arc_none_when_unsealed(rsa: DKIMKey) -> None:
     result = await verify_arc(rsa.sign(MESSAGE, "example.com"), resolver=zones(sel_example_com=rsa))
     assert result.result == "none"
+
+
+async def test_arc_chain_a_sealer_reported_failed_stays_failed_rfc8617_5_2(rsa: DKIMKey) -> None:
+    resolver = zones(arc_list_example=rsa, arc_relay_example=rsa)
+    hop1 = arc_seal(MESSAGE, rsa, "list.example", "list.example", "dkim=none")
+    broken = hop1.replace(b"Hello Bob", b"Hello Eve")  # then the relay finds arc=fail
+    hop2 = arc_seal(broken, rsa, "relay.example", "relay.example", "arc=fail")
+    assert b"cv=fail" in hop2
+    result = await verify_arc(hop2, resolver=resolver)
+    assert result.result == "fail"
