@@ -56,7 +56,8 @@ async def test_mx_refuses_relay_greylists_then_stores_to_the_maildir(tmp_path: P
         assert [r.code for r in replies] == [250, 451]  # another recipient: greylisted too
     (message,) = client.messages
     assert stored(tmp_path) == [message.data]
-    assert message.data.startswith(b"Received: from ") and message.data.endswith(BODY)
+    assert message.data.startswith(b"Authentication-Results: mx.example.com;\r\n\tspf=none")
+    assert b"\r\nReceived: from " in message.data and message.data.endswith(BODY)
 
 
 async def test_module_app_stores_where_mx_maildir_says(
