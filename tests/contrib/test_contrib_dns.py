@@ -87,3 +87,28 @@ async def test_configure_points_the_default_resolver(server: tuple[str, int]) ->
         assert await mdns.default_resolver().a("example.com")
     finally:
         mdns.configure(None)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1", ("127.0.0.1", 53)),
+        ("127.0.0.1:5353", ("127.0.0.1", 5353)),
+        ("::1", ("::1", 53)),
+        ("[::1]:5353", ("::1", 5353)),
+    ],
+)
+def test_cli_resolver_option(text: str, expected: tuple[str, int]) -> None:
+    from minismtp.cli import build_parser
+
+    args = build_parser().parse_args(["run", "--resolver", text])
+    assert args.resolver == expected
+
+
+@pytest.mark.parametrize("text", ["dns.example", "127.0.0.1:70000", "[::1", "[::1]x"])
+def test_cli_resolver_option_refuses(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from minismtp.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["run", "--resolver", text])
+    assert exited.value.code == 2 and "--resolver" in capsys.readouterr().err

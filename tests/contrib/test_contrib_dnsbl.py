@@ -95,3 +95,22 @@ async def test_annotates_by_default() -> None:
 def test_zones_must_be_a_list() -> None:
     with pytest.raises(TypeError):
         DNSBL(App(), zones="bl.example")  # type: ignore[arg-type]
+
+
+async def test_message_from_a_listed_client_is_annotated() -> None:
+    async with TestClient(dnsbl_app(), peer=("192.0.2.2", 4000)) as client:
+        replies = await client.send_message(
+            "a@example.org", ["b@example.com"], b"Subject: hi\r\n\r\nHi.\r\n"
+        )
+        assert [r.code for r in replies] == [250, 250, 250]
+    (message,) = client.messages
+    assert message.data.startswith(
+        b"X-DNSBL: listed in bl.example (127.0.0.2, 127.0.0.4)\r\nReceived: "
+    )
+
+
+async def test_message_from_a_clear_client_is_not_annotated() -> None:
+    async with TestClient(dnsbl_app(), peer=("192.0.2.7", 4000)) as client:
+        await client.send_message("a@example.org", ["b@example.com"], b"Subject: hi\r\n\r\nHi.\r\n")
+    (message,) = client.messages
+    assert message.data.startswith(b"Received: ")
