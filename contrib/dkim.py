@@ -52,6 +52,7 @@ __all__ = [
 log = logging.getLogger("minismtp.contrib.dkim")
 
 MAX_SIZE = 16 * 1024 * 1024
+MAX_SIGNATURES = 10
 DKIMVerdict = Literal["pass", "fail", "neutral", "policy", "temperror", "permerror"]
 ARCVerdict = Literal["pass", "fail", "none"]
 Source = bytes | Callable[[], IO[bytes]]
@@ -127,8 +128,8 @@ _dkimpy_log = _DkimpyLog(logging.getLogger("minismtp.contrib.dkim.dkimpy"), {})
 
 
 def _read(source: Source, max_size: int) -> bytes | None:
-    """The message, or None if it is larger than ``max_size`` (then only its header section
-    is read, into ``_headers_only`` by the caller)."""
+    """The message, or None if it is larger than ``max_size`` (the caller then reads only
+    its header section)."""
     if isinstance(source, bytes):
         return source if len(source) <= max_size else None
     with source() as f:
@@ -163,13 +164,25 @@ def _tags(value: bytes) -> dict[bytes, bytes]:
     return tags
 
 
-def _key_names(headers: Sequence[tuple[bytes, bytes]]) -> set[str]:
-    names = set()
+def _key_names(headers: Sequence[tuple[bytes, bytes]], max_signatures: int) -> set[str]:
+    """The key names to fetch: those of the first ``max_signatures`` DKIM signatures and of
+    the ARC sets, at most ``2 * max_signatures + 2`` names in all (a message must not make
+    us send a thousand queries)."""
+    names: set[str] = set()
+    signatures = 0
     for name, value in headers:
-        if name.lower() in _SIGNATURE_HEADERS:
-            tags = _tags(value)
-            if b"s" in tags and b"d" in tags:
-                names.add(_key_name(tags[b"s"], tags[b"d"]))
+        lowered = name.lower()
+        if lowered not in _SIGNATURE_HEADERS:
+            continue
+        if lowered == b"dkim-signature":
+            signatures += 1
+            if signatures > max_signatures:
+                continue
+        tags = _tags(value)
+        if b"s" in tags and b"d" in tags:
+            names.add(_key_name(tags[b"s"], tags[b"d"]))
+            if len(names) >= 2 * max_signatures + 2:
+                break
     return names
 
 
@@ -227,6 +240,7 @@ def _verify_signatures(
     keys: Keys,
     minkey: int,
     max_size: int,
+    max_signatures: int,
 ) -> tuple[DKIMSignature, ...]:
     """Runs in a worker thread: every DKIM-Signature of the message, top to bottom."""
     dkim = dkimpy()
@@ -245,6 +259,11 @@ def _verify_signatures(
         }
         if not domain or not selector:
             results.append(DKIMSignature("permerror", **details, reason="no d= or s= tag"))
+            continue
+        if index >= max_signatures:
+            # RFC 6376 6.1: a verifier may limit the signatures it checks.
+            reason = f"not verified: more than {max_signatures} signatures"
+            results.append(DKIMSignature("policy", **details, reason=reason))
             continue
         key = keys.get(_key_name(tags[b"s"], tags[b"d"]))
         if isinstance(key, _Timeout):
@@ -299,12 +318,14 @@ async def verify_message(
     arc: bool = True,
     max_size: int = MAX_SIZE,
     minkey: int = 1024,
+    max_signatures: int = MAX_SIGNATURES,
 ) -> tuple[DKIMResult, ARCResult | None]:
     """DKIM (and ARC unless ``arc=False``) results of a message.
 
     ``source`` is the message as bytes, or a callable opening it as a binary file (called in
     the worker thread). Keys are fetched through ``resolver`` (default:
     :func:`~minismtp.dns.default_resolver`); RSA keys shorter than ``minkey`` bits fail.
+    Signatures past the first ``max_signatures`` are reported ``policy``, not verified.
     """
     dkimpy()
     resolver = resolver or default_resolver()
@@ -313,13 +334,13 @@ async def verify_message(
         message if message is not None else await anyio.to_thread.run_sync(_read_headers, source)
     )
     headers = _headers(section)
-    names = _key_names(headers)
+    names = _key_names(headers, max_signatures)
     if not names:
         arc_none = ARCResult("none", "not ARC signed") if arc else None
         return DKIMResult(), arc_none
     keys = await _fetch_keys(names, resolver)
     signatures = await anyio.to_thread.run_sync(
-        _verify_signatures, message, headers, keys, minkey, max_size
+        _verify_signatures, message, headers, keys, minkey, max_size, max_signatures
     )
     arc_result_ = None
     if arc:

@@ -222,3 +222,13 @@ async def test_arc_chain_a_sealer_reported_failed_stays_failed_rfc8617_5_2(rsa: 
     assert b"cv=fail" in hop2
     result = await verify_arc(hop2, resolver=resolver)
     assert result.result == "fail"
+
+
+async def test_signatures_past_the_limit_are_not_verified_rfc6376_6_1(rsa: DKIMKey) -> None:
+    signed = MESSAGE
+    for _ in range(4):
+        signed = rsa.sign(signed, "example.com")
+    resolver = zones(sel_example_com=rsa)
+    result = await verify_dkim(signed, resolver=resolver, max_signatures=2)
+    assert [s.result for s in result.signatures] == ["pass", "pass", "policy", "policy"]
+    assert result.signatures[2].reason == "not verified: more than 2 signatures"
