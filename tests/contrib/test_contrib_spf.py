@@ -3,7 +3,12 @@ cases the RFC 7208 suite does not spell out, and the Resolver fakes it runs on."
 
 from __future__ import annotations
 
+import string
+
+import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minismtp.app import App
 from minismtp.contrib.auth import Authenticate, auth_results
@@ -123,8 +128,6 @@ async def test_ten_lookup_limit_rfc7208_4_6_4() -> None:
 async def test_whole_evaluation_is_time_limited() -> None:
     class Slow(FakeResolver):
         async def txt(self, name: str) -> tuple[bytes, ...]:
-            import anyio
-
             await anyio.sleep(10)
             raise AssertionError
 
@@ -151,3 +154,57 @@ async def test_fake_resolver_errors_and_cname() -> None:
     with pytest.raises(TempError):
         await resolver.a("slow.example")
     assert resolver.queries[0] == ("alias.example", "A")
+
+
+RESULTS = {"pass", "fail", "softfail", "neutral", "none", "permerror", "temperror"}
+TERMS = [
+    "a",
+    "mx",
+    "ptr",
+    "all",
+    "-all",
+    "~all",
+    "?all",
+    "a:%{d}",
+    "exists:%{ir}.%{v}.x.example",
+    "include:inc.example",
+    "redirect=inc.example",
+    "exp=exp.example",
+    "ip4:192.0.2.0/24",
+    "ip6:2001:db8::/32",
+    "a/24//64",
+    "mx:%{o}/0",
+    "%{",
+    "a:",
+    "ip4:1.2.3",
+    "x=%{l1r+-}",
+    "include:%{s}",
+    "exists:%{p}.example",
+    "a:%{h}.example",
+    "v=spf1",
+]
+
+
+@given(
+    st.lists(st.sampled_from(TERMS) | st.text(alphabet=string.printable, max_size=12), max_size=8)
+)
+@settings(max_examples=150, deadline=None)
+def test_any_record_gives_a_result_never_an_exception(terms: list[str]) -> None:
+    """RFC 7208 2.6: whatever a domain publishes, check_host() ends in one of its results."""
+    record = " ".join(["v=spf1", *terms])
+    resolver = FakeResolver(
+        {
+            "example.com": {"TXT": [record], "A": ["192.0.2.1"], "MX": [(10, "example.com")]},
+            "inc.example": {"TXT": [record]},
+            "exp.example": {"TXT": ["%{c} %{r} %{t} %{i}"]},
+            "1.2.0.192.in-addr.arpa": {"PTR": ["example.com"]},
+        }
+    )
+
+    async def check() -> str:
+        result = await check_host(
+            "192.0.2.1", "example.com", "a@example.com", helo="h.example", resolver=resolver
+        )
+        return result.result
+
+    assert anyio.run(check) in RESULTS
