@@ -289,6 +289,10 @@ def _verify_signatures(
             results.append(DKIMSignature("permerror", **details, reason=f"bad key: {exc}"))
         except dkim.DKIMException as exc:
             results.append(DKIMSignature("permerror", **details, reason=str(exc)))
+        except Exception as exc:  # dkimpy on malformed input: IndexError, ValueError...
+            log.debug("dkimpy failed on signature %d", index, exc_info=True)
+            reason = f"malformed signature ({type(exc).__name__})"
+            results.append(DKIMSignature("permerror", **details, reason=reason))
         else:
             if valid:
                 results.append(DKIMSignature("pass", **details))
@@ -301,9 +305,13 @@ def _verify_arc(message: bytes | None, keys: Keys, minkey: int) -> ARCResult:
     dkim = dkimpy()
     if message is None:
         return ARCResult("none", "message too large to verify")
-    verdict, instances, reason = dkim.arc_verify(
-        message, logger=_dkimpy_log, dnsfunc=_dnsfunc(keys), minkey=minkey
-    )
+    try:
+        verdict, instances, reason = dkim.arc_verify(
+            message, logger=_dkimpy_log, dnsfunc=_dnsfunc(keys), minkey=minkey
+        )
+    except Exception as exc:  # dkimpy on malformed input
+        log.debug("dkimpy failed on the ARC chain", exc_info=True)
+        return ARCResult("fail", f"malformed ARC set ({type(exc).__name__})")
     # dkimpy answers None for a chain that an earlier sealer already reported as failed
     # (cv=fail): RFC 8617 5.2 makes that chain fail for us too.
     result: ARCVerdict = "fail" if verdict is None else verdict.decode("ascii")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 
+import anyio
 import dkim
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minismtp.contrib.dkim import verify_arc, verify_dkim, verify_message
 from minismtp.dns import TIMEOUT, FakeResolver
@@ -232,3 +235,37 @@ async def test_signatures_past_the_limit_are_not_verified_rfc6376_6_1(rsa: DKIMK
     result = await verify_dkim(signed, resolver=resolver, max_signatures=2)
     assert [s.result for s in result.signatures] == ["pass", "pass", "policy", "policy"]
     assert result.signatures[2].reason == "not verified: more than 2 signatures"
+
+
+@given(st.data())
+@settings(max_examples=100, deadline=None)
+def test_any_mangled_signature_gives_a_result_never_an_exception(
+    rsa: DKIMKey, data: st.DataObject
+) -> None:
+    """A signature header a sender mangled (RFC 6376 6.1.1) is a result, never an error."""
+    signed = rsa.sign(MESSAGE, "example.com")
+    head, _, body = signed.partition(b"\r\nFrom:")
+    tags = head.split(b";")
+    index = data.draw(st.integers(0, len(tags) - 1))
+    tags[index] = data.draw(
+        st.binary(max_size=20).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+    )
+    mangled = b";".join(tags) + b"\r\nFrom:" + body
+    arc = data.draw(
+        st.sampled_from([b"", b"ARC-Seal: i=1; a=rsa-sha256; cv=none; d=x; s=y; b=\r\n"])
+    )
+
+    async def verify() -> object:
+        return await verify_message(arc + mangled, resolver=zones(sel_example_com=rsa))
+
+    dkim_result, arc_result = anyio.run(verify)
+    assert dkim_result.result in {
+        "pass",
+        "fail",
+        "neutral",
+        "policy",
+        "permerror",
+        "temperror",
+        "none",
+    }
+    assert arc_result is not None
