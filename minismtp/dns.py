@@ -163,7 +163,13 @@ class DnsResolver:
             raise TempError(name, rdtype, "timeout") from None
         except dns.resolver.NoNameservers as exc:
             raise TempError(name, rdtype, "server failure") from exc
-        except (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong) as exc:
+        except (
+            dns.name.EmptyLabel,
+            dns.name.LabelTooLong,
+            dns.name.NameTooLong,
+            dns.name.IDNAException,
+            UnicodeError,
+        ) as exc:
             # A name that cannot be asked for cannot exist.
             raise NXDomain(name, rdtype, str(exc)) from None
         except dns.exception.DNSException as exc:

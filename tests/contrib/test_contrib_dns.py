@@ -56,6 +56,8 @@ async def test_nxdomain_and_nodata_are_told_apart(server: tuple[str, int]) -> No
         await resolver.txt("1.2.0.192.in-addr.arpa")
     with pytest.raises(NXDomain):
         await resolver.a("a" * 64 + ".example.com")  # a name no query can carry
+    with pytest.raises(NXDomain):
+        await resolver.a("bad\u2028name.example.com")  # nor IDNA
 
 
 async def test_answers_are_cached_for_their_ttl(server: tuple[str, int]) -> None:
