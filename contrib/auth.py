@@ -310,7 +310,7 @@ class Authenticate:
         header = format_authentication_results(
             authserv_id, spf=spf, dkim=dkim, arc=arc, dmarc=dmarc
         )
-        message = event.message  # type: ignore[attr-defined]
+        message = event.message
         dropped = message.drop_headers(claims(authserv_id))
         if dropped:
             log.info(

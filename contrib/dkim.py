@@ -26,7 +26,7 @@ import logging
 import re
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import anyio
 import anyio.to_thread
@@ -116,7 +116,13 @@ class ARCResult:
     sealers: tuple[str, ...] = ()
 
 
-class _DkimpyLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+if TYPE_CHECKING:
+    _Adapter = logging.LoggerAdapter[logging.Logger]
+else:  # not subscriptable at run time before Python 3.11
+    _Adapter = logging.LoggerAdapter
+
+
+class _DkimpyLog(_Adapter):
     """dkimpy logs every signature that does not verify at ERROR: for a receiver that is an
     everyday result, reported in the header; kept at DEBUG here."""
 
@@ -394,7 +400,7 @@ def record_results(transaction: Transaction, dkim_: DKIMResult, arc_: ARCResult 
 
 def message_source(event: Data) -> Source:
     """How the middleware read the message at the Data stage: the spool's ``open()``."""
-    message = event.message  # type: ignore[attr-defined]
+    message = event.message
     opener: Callable[[], IO[bytes]] = message.open
     return opener
 

@@ -87,6 +87,10 @@ class DMARCRecord:
     pct: int = 100
 
 
+_POLICIES: dict[str, Policy] = {"none": "none", "quarantine": "quarantine", "reject": "reject"}
+_MODES: dict[str, Literal["r", "s"]] = {"r": "r", "s": "s"}
+
+
 def parse_record(text: str) -> DMARCRecord | None:
     """A DMARC record, or None if ``text`` is not a usable one (RFC 7489 6.6.3)."""
     tags: dict[str, str] = {}
@@ -96,26 +100,21 @@ def parse_record(text: str) -> DMARCRecord | None:
             tags.setdefault(key.strip().lower(), value.strip())
     if tags.get("v") != "DMARC1":
         return None
-    policies = ("none", "quarantine", "reject")
-    p = tags.get("p", "").lower()
-    if p not in policies:
+    p = _POLICIES.get(tags.get("p", "").lower())
+    if p is None:
         # 6.6.3: an invalid or missing p= with a valid rua= is p=none; without one, no record.
         if "rua" not in tags:
             return None
         p = "none"
-    sp = tags.get("sp", "").lower()
-    modes = ("r", "s")
-    adkim = tags.get("adkim", "r").lower()
-    aspf = tags.get("aspf", "r").lower()
     try:
         pct = min(max(int(tags.get("pct", "100")), 0), 100)
     except ValueError:
         pct = 100
     return DMARCRecord(
-        p,  # type: ignore[arg-type]
-        sp if sp in policies else None,  # type: ignore[arg-type]
-        adkim if adkim in modes else "r",  # type: ignore[arg-type]
-        aspf if aspf in modes else "r",  # type: ignore[arg-type]
+        p,
+        _POLICIES.get(tags.get("sp", "").lower()),
+        _MODES.get(tags.get("adkim", "r").lower(), "r"),
+        _MODES.get(tags.get("aspf", "r").lower(), "r"),
         pct,
     )
 
@@ -220,7 +219,7 @@ def record_dmarc_result(transaction: Transaction, result: DMARCResult) -> None:
 
 def message_from_domain(event: Data) -> tuple[str | None, str]:
     """The From domain of the message at the Data stage (its parsed header section)."""
-    headers = event.message.headers  # type: ignore[attr-defined]
+    headers = event.message.headers
     # The raw field values: the email package's structured address parsing (headerregistry)
     # costs more than the rest of the DMARC evaluation; email.utils.getaddresses suffices.
     values = [value for name, value in headers.raw_items() if name.lower() == "from"]

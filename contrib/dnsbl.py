@@ -168,5 +168,5 @@ class DNSBL:
                 listed = "; ".join(
                     f"listed in {a.zone} ({', '.join(a.codes)})" for a in result_.listed
                 )
-                event.message.prepend_header("X-DNSBL", listed)  # type: ignore[attr-defined]
+                event.message.prepend_header("X-DNSBL", listed)
         return await self.app(event)
