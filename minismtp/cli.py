@@ -39,7 +39,7 @@ import anyio
 import anyio.abc
 import attrs
 
-from minismtp import __version__, allocator, logs
+from minismtp import __version__, allocator, dns, logs
 from minismtp.app import default_app
 from minismtp.maildir import MaildirError
 from minismtp.metrics import serve_metrics
@@ -147,6 +147,25 @@ def _hostname(text: str) -> str:
 
 def _log_level(text: str) -> str:
     return text.lower()  # DEBUG, Debug and debug alike; choices= checks it after
+
+
+def _nameserver(text: str) -> tuple[str, int]:
+    """``IP``, ``IP:PORT``, ``[IPv6]:PORT`` or a bare IPv6 address: a DNS server to ask."""
+    host, port = text, 53
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise argparse.ArgumentTypeError(f"not IP[:PORT]: {text!r}")
+        if rest:
+            port = _port(rest[1:])
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        port = _port(port_text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {host!r}") from None
+    return host, port
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -329,6 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--listen-metrics-fd", action="append", default=[], help=argparse.SUPPRESS)
     run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     run.add_argument("--status-fd", type=int, help=argparse.SUPPRESS)
+    lookups = run.add_argument_group("DNS (sender authentication, DNSBL)")
+    lookups.add_argument(
+        "--resolver",
+        type=_nameserver,
+        metavar="IP[:PORT]",
+        help="the DNS server that SPF, DKIM, DMARC and DNSBL middleware ask "
+        "(default: those of /etc/resolv.conf)",
+    )
     store = run.add_argument_group("embedded default")
     store.add_argument(
         "--maildir",
@@ -783,6 +810,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     logs.configure(args.log_level)
+    if args.resolver is not None:
+        host, port = args.resolver
+        dns.configure([host], port)
     # As uvicorn does: ``minismtp run myapp:app`` finds myapp.py where the user stands.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

@@ -10,6 +10,7 @@ import anyio
 import pytest
 
 from examples.mx import MAX_MESSAGE_SIZE, create_app
+from minismtp.dns import FakeResolver
 from minismtp.server import ServerConfig, serve
 from minismtp.testing import TestClient
 from minismtp.types import Reply
@@ -26,7 +27,7 @@ def stored(maildir: Path) -> list[bytes]:
 
 async def test_mx_refuses_relay_greylists_then_stores_to_the_maildir(tmp_path: Path) -> None:
     clock = FakeClock()
-    app = create_app(tmp_path, clock=clock)
+    app = create_app(tmp_path, clock=clock, resolver=FakeResolver())
     async with TestClient(app) as client:
         ehlo = await client.ehlo("client.example.org")
         assert f"SIZE {MAX_MESSAGE_SIZE}" in ehlo.lines
@@ -47,7 +48,8 @@ async def test_mx_refuses_relay_greylists_then_stores_to_the_maildir(tmp_path: P
         assert [r.code for r in replies] == [250, 451]  # another recipient: greylisted too
     (message,) = client.messages
     assert stored(tmp_path) == [message.data]
-    assert message.data.startswith(b"Received: from ") and message.data.endswith(BODY)
+    assert message.data.startswith(b"Authentication-Results: mx.example.com;\r\n\tspf=none")
+    assert b"\r\nReceived: from " in message.data and message.data.endswith(BODY)
 
 
 async def test_module_app_stores_where_mx_maildir_says(
@@ -66,7 +68,7 @@ async def test_module_app_stores_where_mx_maildir_says(
 
 async def test_mx_over_a_real_socket_with_smtplib(tmp_path: Path) -> None:
     clock = FakeClock()
-    app = create_app(tmp_path, clock=clock)
+    app = create_app(tmp_path, clock=clock, resolver=FakeResolver())
     async with serve(app, "127.0.0.1", 0, config=ServerConfig(shutdown_grace=1.0)) as server:
 
         def send() -> dict[str, tuple[int, bytes]]:
