@@ -306,8 +306,12 @@ def check(url: str, timeout: float = 5.0) -> None:
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
+    """One line: redis-py's class names the failure (OutOfMemoryError, ReadOnlyError, ...)
+    and drops the server's prefix (OOM, READONLY) from the text."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, StoreUnavailable):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # -- the entry --------------------------------------------------------------------------------

@@ -1,0 +1,189 @@
+"""RedisStreamStore against a real redis-server: the entry, big bodies, failures, recovery."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import anyio
+import pytest
+
+from minismtp.ids import new_id
+from minismtp.stores.redis import RedisStreamStore, RedisURL, StoreUnavailable
+from minismtp.types import Address, Message, TLSInfo
+from tests.helpers.backends import with_uvloop
+from tests.helpers.redis_server import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+TRACE = b"Received: from client.example.org ([127.0.0.1])\r\n\tby mx.test; Thu, 3 Dec 2026\r\n"
+
+
+@pytest.fixture(params=with_uvloop(), scope="module")
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    return request.param
+
+
+def make_message(content: bytes, *, tls: bool = False) -> Message:
+    return Message(
+        new_id(),
+        Address("alice", "example.org", "alice@example.org"),
+        (Address("bob", "example.com"), Address("carol", "example.com")),
+        TRACE + content,
+        ("127.0.0.1", 40000),
+        "client.example.org",
+        TLSInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384") if tls else None,
+        time.time(),
+        {"BODY": "8BITMIME"},
+        ({}, {"NOTIFY": "NEVER"}),
+        len(TRACE),
+    )
+
+
+def entries(server: RedisServer, stream: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    client = server.client()
+    try:
+        return [(entry_id, fields) for entry_id, fields in client.xrange(stream)]
+    finally:
+        client.close()
+
+
+async def test_one_entry_per_message_with_the_envelope(redis_server: RedisServer, stream: str) -> None:
+    content = b"Subject: hi\r\n\r\nbody \xff\x00 bytes\r\n"
+    message = make_message(content, tls=True)
+    async with RedisStreamStore.from_url(redis_server.url(stream)) as store:
+        assert await store.put(message) is None
+    [(_, fields)] = entries(redis_server, stream)
+    assert fields[b"id"] == message.id.encode()
+    assert fields[b"body"] == TRACE + content  # byte-exact, our trace header first
+    assert b"body_key" not in fields
+    assert fields[b"mail_from"] == b"alice@example.org"
+    assert json.loads(fields[b"rcpt_to"]) == ["bob@example.com", "carol@example.com"]
+    assert fields[b"peer"] == b"127.0.0.1:40000"
+    assert fields[b"helo"] == b"client.example.org"
+    assert fields[b"tls"] == b"1"
+    assert fields[b"tls_version"] == b"TLSv1.3"
+    assert abs(float(fields[b"received_at"]) - message.received_at) < 1e-5
+    assert int(fields[b"size"]) == len(content)
+    assert json.loads(fields[b"mail_params"]) == {"BODY": "8BITMIME"}
+    assert json.loads(fields[b"rcpt_params"]) == [{}, {"NOTIFY": "NEVER"}]
+
+
+async def test_a_big_body_goes_in_a_key_that_does_not_expire(
+    redis_server: RedisServer, stream: str
+) -> None:
+    content = bytes(range(256)) * 1000  # 256 KB, over inline_max: 9 pieces of 30,000
+    store = RedisStreamStore.from_url(redis_server.url(stream, inline_max=100_000))
+    store.piece_size = 30_000
+    async with store:
+        await store.put(make_message(content))
+    [(_, fields)] = entries(redis_server, stream)
+    assert b"body" not in fields
+    key = fields[b"body_key"]
+    client = redis_server.client()
+    assert client.get(key) == TRACE + content
+    assert client.ttl(key) == -1  # persisted in the MULTI that added the entry
+    client.close()
+
+
+async def test_a_refused_entry_leaves_no_body_behind(redis_server: RedisServer, stream: str) -> None:
+    client = redis_server.client()
+    client.set(stream, "not a stream")  # XADD fails inside the MULTI: WRONGTYPE
+    store = RedisStreamStore(redis_server.url(stream).split("?")[0], stream=stream, inline_max=10)
+    store._link = None
+    with pytest.raises(OSError, match="is a string, not a stream"):
+        await store.open()
+    # Past open()'s check (the key changed type afterwards): put refuses, the body key goes.
+    client.delete(stream)
+    async with store:
+        client.set(stream, "not a stream")
+        message = make_message(b"x" * 100)
+        with pytest.raises(StoreUnavailable, match="WRONGTYPE"):
+            await store.put(message)
+    assert client.exists(f"{stream}:body:{message.id}") == 0
+    client.close()
+
+
+async def test_unreachable_redis_is_a_451_and_one_log_line_each_way(
+    own_redis: RedisServer, stream: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "minismtp.stores.redis")
+    store = RedisStreamStore.from_url(own_redis.url(stream))
+    store.backoff = store.backoff_max = 0.05
+    async with store:
+        await store.put(make_message(b"before\r\n"))
+        own_redis.stop()
+        for _ in range(5):  # tried, or refused at once within the backoff: 451 each time
+            with anyio.fail_after(10), pytest.raises(StoreUnavailable):
+                await store.put(make_message(b"during\r\n"))
+        own_redis.start()
+        with anyio.fail_after(10):
+            while True:
+                try:
+                    await store.put(make_message(b"after\r\n"))
+                    break
+                except StoreUnavailable:
+                    await anyio.sleep(0.02)
+    lines = [r.getMessage() for r in caplog.records if r.name == "minismtp.stores.redis"]
+    assert [line.split(" ", 4)[3] for line in lines[1:]] == ["failed:", "works"], lines
+    assert "answered 451" in lines[-1]
+    bodies = [fields[b"body"][len(TRACE) :] for _, fields in entries(own_redis, stream)]
+    assert bodies == [b"before\r\n", b"after\r\n"]
+
+
+async def test_read_only_and_out_of_memory_are_451(redis_server: RedisServer, stream: str) -> None:
+    client = redis_server.client()
+    store = RedisStreamStore.from_url(redis_server.url(stream))
+    store.backoff = store.backoff_max = 0.01
+    async with store:
+        client.config_set("maxmemory", 1)  # every write is refused: OOM
+        try:
+            with pytest.raises(StoreUnavailable, match="OutOfMemoryError"):
+                await store.put(make_message(b"x\r\n"))
+        finally:
+            client.config_set("maxmemory", 0)
+        await anyio.sleep(0.02)  # past the backoff
+        client.replicaof("127.0.0.1", 1)  # a replica of nothing: read-only
+        try:
+            with pytest.raises(StoreUnavailable, match="ReadOnlyError"):
+                await store.put(make_message(b"x\r\n"))
+        finally:
+            client.replicaof("NO", "ONE")
+        await anyio.sleep(0.02)
+        await store.put(make_message(b"y\r\n"))
+    assert len(entries(redis_server, stream)) == 1
+    client.close()
+
+
+async def test_too_few_replicas_is_a_451(redis_server: RedisServer, stream: str) -> None:
+    async with RedisStreamStore.from_url(redis_server.url(stream, wait=1, wait_timeout=50)) as store:
+        with pytest.raises(StoreUnavailable, match="WAIT: 0 of 1 replica"):
+            await store.put(make_message(b"x\r\n"))
+
+
+@pytest.mark.parametrize(
+    "url, error",
+    [
+        ("http://localhost/", "not a Redis URL"),
+        ("redis://", "no host"),
+        ("redis://localhost:notaport/0", "not a valid Redis URL"),
+        ("redis://localhost/zero", "database must be a number"),
+        ("redis://localhost/0?stream=", "stream= must not be empty"),
+        ("redis://localhost/0?wait=-1", "wait='-1' is not a whole number"),
+        ("redis://localhost/0?waitaof=2,0", "waitaof='2,0' must be L,R"),
+        ("redis://localhost/0?timeout=0", "timeout='0' is not a number of seconds"),
+        ("redis://localhost/0?group=workers", "group= is for minismtp consume"),
+    ],
+)
+def test_bad_urls_say_why(url: str, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        RedisStreamStore.from_url(url)
+
+
+def test_url_options_are_ours_the_rest_goes_to_redis_py() -> None:
+    parsed = RedisURL.parse("redis://:secret@h:6380/2?stream=s&wait=1&health_check_interval=5")
+    assert parsed.connect == "redis://:secret@h:6380/2?health_check_interval=5"
+    assert parsed.options == {"stream": "s", "wait": "1"}
+    assert parsed.where == "h:6380"
