@@ -231,6 +231,12 @@ class App:
         """
         return self._receive
 
+    @property
+    def message_hooks(self) -> tuple[MessageHook, ...]:
+        """The ``on_message`` hooks, in the order they are called (``minismtp consume`` calls
+        them for each message it reads from a Redis stream)."""
+        return tuple(self._message_hooks)
+
     def add_middleware(
         self, middleware: MiddlewareFactory[P], /, *args: P.args, **options: P.kwargs
     ) -> None:
