@@ -32,7 +32,6 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -290,6 +289,8 @@ class Consumer:
 
     async def _handle(self, entry: Entry) -> None:
         """One entry: the hooks, then the acknowledgement (or nothing, if a hook raised)."""
+        import tempfile  # here: the server, which builds this command's parser, need not load it
+
         try:
             message_id = entry.message_id
             with tempfile.TemporaryDirectory(dir=self.spool_dir, prefix="minismtp-") as tmp:
@@ -409,7 +410,7 @@ class Consumer:
 # -- the command ------------------------------------------------------------------------------
 
 
-def add_parser(commands: Any, parser_class: type[argparse.ArgumentParser]) -> None:
+def add_parser(commands: Any) -> None:
     """``minismtp consume``'s options, on the CLI's subcommands."""
     from minismtp import cli
 

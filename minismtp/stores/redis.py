@@ -36,7 +36,6 @@ halfway through its reply.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import sys
@@ -219,6 +218,9 @@ def _client_options(timeout: float) -> dict[str, Any]:
         # No silent retries: a command whose connection broke may have been executed, and a
         # retried XADD would add the message twice. The store decides (451, backoff).
         "retry": retry_class(NoBackoff(), 0),
+        # RESP2 replies: arrays where RESP3 has maps, the same on every redis-py version (8.x
+        # speaks RESP3 by default), which is what the raw replies are read as.
+        "protocol": 2,
     }
 
 
@@ -324,6 +326,8 @@ def _peer_text(peer: tuple[str, int]) -> str:
 
 def entry_fields(message: Message) -> list[Arg]:
     """The fields of ``message``'s entry, without the body, as XADD arguments."""
+    import json  # not at the top: the CLI imports this module's parser side in every server
+
     fields: list[Arg] = [
         "id",
         message.id,
@@ -398,6 +402,8 @@ class Entry:
 
     def envelope(self) -> dict[str, Any]:
         """The keyword arguments of the Message, but for its body (ValueError if malformed)."""
+        import json
+
         try:
             rcpt_to = json.loads(self.text("rcpt_to"))
             mail_params = json.loads(self.text("mail_params", "{}"))
