@@ -50,7 +50,9 @@ def entries(server: RedisServer, stream: str) -> list[tuple[bytes, dict[bytes, b
         client.close()
 
 
-async def test_one_entry_per_message_with_the_envelope(redis_server: RedisServer, stream: str) -> None:
+async def test_one_entry_per_message_with_the_envelope(
+    redis_server: RedisServer, stream: str
+) -> None:
     content = b"Subject: hi\r\n\r\nbody \xff\x00 bytes\r\n"
     message = make_message(content, tls=True)
     async with RedisStreamStore.from_url(redis_server.url(stream)) as store:
@@ -88,7 +90,9 @@ async def test_a_big_body_goes_in_a_key_that_does_not_expire(
     client.close()
 
 
-async def test_a_refused_entry_leaves_no_body_behind(redis_server: RedisServer, stream: str) -> None:
+async def test_a_refused_entry_leaves_no_body_behind(
+    redis_server: RedisServer, stream: str
+) -> None:
     client = redis_server.client()
     client.set(stream, "not a stream")  # XADD fails inside the MULTI: WRONGTYPE
     store = RedisStreamStore(redis_server.url(stream).split("?")[0], stream=stream, inline_max=10)
@@ -158,7 +162,9 @@ async def test_read_only_and_out_of_memory_are_451(redis_server: RedisServer, st
 
 
 async def test_too_few_replicas_is_a_451(redis_server: RedisServer, stream: str) -> None:
-    async with RedisStreamStore.from_url(redis_server.url(stream, wait=1, wait_timeout=50)) as store:
+    async with RedisStreamStore.from_url(
+        redis_server.url(stream, wait=1, wait_timeout=50)
+    ) as store:
         with pytest.raises(StoreUnavailable, match="WAIT: 0 of 1 replica"):
             await store.put(make_message(b"x\r\n"))
 
