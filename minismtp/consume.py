@@ -183,7 +183,8 @@ class Consumer:
                         await self._claim_idle()
                         next_claim = time.monotonic() + max(0.05, self.claim_after / 2)
                     if not self._stopping:
-                        await self._read_new()
+                        # Not past the next look for idle entries: a short claim_after is kept.
+                        await self._read_new(min(self.block, next_claim - time.monotonic()))
                 except redis.RedisError as exc:
                     self._failed(exc)
                     await self._pause(delay)
@@ -225,7 +226,7 @@ class Consumer:
             raise RuntimeError("the consumer is not open")
         return self._link
 
-    async def _read_new(self) -> None:
+    async def _read_new(self, block: float) -> None:
         reply = await self.link.call(
             "XREADGROUP",
             "GROUP",
@@ -234,7 +235,7 @@ class Consumer:
             "COUNT",
             self.batch,
             "BLOCK",
-            max(1, round(self.block * 1000)),
+            max(1, round(block * 1000)),
             "STREAMS",
             self.stream,
             ">",

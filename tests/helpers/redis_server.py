@@ -22,6 +22,9 @@ from typing import Any
 import attrs
 import pytest
 
+from minismtp.ids import new_id
+from minismtp.types import Address, Message, TLSInfo
+
 
 def need(what: str, why: str) -> None:
     """Skip the test (fail it under CI, where everything must run) because ``what`` is missing."""
@@ -140,6 +143,26 @@ class RedisServer:
         import redis
 
         return redis.Redis(port=self.port, socket_timeout=10)
+
+
+TRACE = b"Received: from client.example.org ([127.0.0.1])\r\n\tby mx.test; Thu, 3 Dec 2026\r\n"
+
+
+def make_message(content: bytes, *, tls: bool = False) -> Message:
+    """A Message as the App hands it to a store: our trace header, then ``content``."""
+    return Message(
+        new_id(),
+        Address("alice", "example.org", "alice@example.org"),
+        (Address("bob", "example.com"), Address("carol", "example.com")),
+        TRACE + content,
+        ("127.0.0.1", 40000),
+        "client.example.org",
+        TLSInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384") if tls else None,
+        time.time(),
+        {"BODY": "8BITMIME"},
+        ({}, {"NOTIFY": "NEVER"}),
+        len(TRACE),
+    )
 
 
 def new_stream() -> str:

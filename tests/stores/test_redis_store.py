@@ -4,42 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import Any
 
 import anyio
 import pytest
 
-from minismtp.ids import new_id
 from minismtp.stores.redis import RedisStreamStore, RedisURL, StoreUnavailable
-from minismtp.types import Address, Message, TLSInfo
 from tests.helpers.backends import with_uvloop
-from tests.helpers.redis_server import RedisServer
+from tests.helpers.redis_server import TRACE, RedisServer, make_message
 
 pytestmark = pytest.mark.anyio
-
-TRACE = b"Received: from client.example.org ([127.0.0.1])\r\n\tby mx.test; Thu, 3 Dec 2026\r\n"
 
 
 @pytest.fixture(params=with_uvloop(), scope="module")
 def anyio_backend(request: pytest.FixtureRequest) -> Any:
     return request.param
-
-
-def make_message(content: bytes, *, tls: bool = False) -> Message:
-    return Message(
-        new_id(),
-        Address("alice", "example.org", "alice@example.org"),
-        (Address("bob", "example.com"), Address("carol", "example.com")),
-        TRACE + content,
-        ("127.0.0.1", 40000),
-        "client.example.org",
-        TLSInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384") if tls else None,
-        time.time(),
-        {"BODY": "8BITMIME"},
-        ({}, {"NOTIFY": "NEVER"}),
-        len(TRACE),
-    )
 
 
 def entries(server: RedisServer, stream: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
