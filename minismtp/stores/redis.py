@@ -195,9 +195,12 @@ class Link(Protocol):
 
     async def call(self, *args: Arg) -> Any: ...
 
-    async def batch(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+    async def batch(
+        self, commands: Sequence[Sequence[Arg]], *, raise_on_error: bool = True
+    ) -> list[Any]:
         """Send ``commands`` on one connection, in order; their replies (a MULTI inside
-        is the caller's: EXEC's reply may hold an error per command)."""
+        is the caller's: EXEC's reply may hold an error per command). Without
+        ``raise_on_error``, a command's error is its reply (a connection's is raised)."""
         ...
 
     async def reset(self) -> None:
@@ -231,11 +234,13 @@ class _AsyncioLink:
     async def call(self, *args: Arg) -> Any:
         return await self.client.execute_command(*args)  # type: ignore[no-untyped-call]
 
-    async def batch(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+    async def batch(
+        self, commands: Sequence[Sequence[Arg]], *, raise_on_error: bool = True
+    ) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
-        return await pipe.execute()
+        return await pipe.execute(raise_on_error=raise_on_error)
 
     async def reset(self) -> None:
         await self.client.connection_pool.disconnect()
@@ -251,14 +256,16 @@ class _ThreadLink:
     async def call(self, *args: Arg) -> Any:
         return await anyio.to_thread.run_sync(functools.partial(self.client.execute_command, *args))
 
-    def _batch(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+    def _batch(self, commands: Sequence[Sequence[Arg]], raise_on_error: bool) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)  # type: ignore[no-untyped-call]
-        return pipe.execute()
+        return pipe.execute(raise_on_error=raise_on_error)
 
-    async def batch(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
-        return await anyio.to_thread.run_sync(self._batch, commands)
+    async def batch(
+        self, commands: Sequence[Sequence[Arg]], *, raise_on_error: bool = True
+    ) -> list[Any]:
+        return await anyio.to_thread.run_sync(self._batch, commands, raise_on_error)
 
     async def reset(self) -> None:
         await anyio.to_thread.run_sync(self.client.connection_pool.disconnect)
@@ -450,6 +457,15 @@ async def _pieces(message: Message, size: int) -> AsyncIterator[bytes]:
 
 
 @attrs.define(eq=False)
+class _Add:
+    """One message's XADD in a group commit, and what became of it (an id, or an error)."""
+
+    command: list[Arg]
+    outcome: Any = None
+    taken: anyio.Event | None = None  # set when the pipeline that took it is done
+
+
+@attrs.define(eq=False)
 class RedisStreamStore:
     """Each message an entry of the Redis stream ``stream`` before the ``250``.
 
@@ -478,6 +494,7 @@ class RedisStreamStore:
     timeout: float = 5.0
     backoff: float = 0.1
     backoff_max: float = 2.0
+    max_in_flight: int = 8  # XADD pipelines on their way at once (see _commit)
     #: Stores that write files want the spool there; a Redis store takes the body from anywhere.
     spool_dir: Path | None = None
     _link: Link | None = attrs.field(default=None, init=False)
@@ -486,6 +503,9 @@ class RedisStreamStore:
     _retry_at: float = attrs.field(default=0.0, init=False)
     _delay: float = attrs.field(default=0.0, init=False)
     _refused: int = attrs.field(default=0, init=False)
+    _queue: list[_Add] = attrs.field(factory=list, init=False)  # XADDs waiting for a batch
+    _in_flight: int = attrs.field(default=0, init=False)  # pipelines on their way
+    _slot_free: anyio.Event | None = attrs.field(default=None, init=False)
 
     @classmethod
     def from_url(cls, url: str) -> RedisStreamStore:
@@ -606,10 +626,7 @@ class RedisStreamStore:
         fields = entry_fields(message)
         if message.size <= self.inline_max:
             xadd: list[Arg] = ["XADD", self.stream, "*", *fields, "body", message.data]
-            if not (self.wait_replicas or self.waitaof_local or self.waitaof_replicas):
-                await link.call(*xadd)
-                return
-            self._check_durability(await link.batch([xadd, *self._durability()]), 1)
+            await self._commit(link, _Add(xadd))
             return
         key = f"{self.stream}:body:{message.id}"
         refused = True  # until the MULTI is sent: no entry names the key, it may go
@@ -646,6 +663,58 @@ class RedisStreamStore:
                         pass
             raise
 
+    async def _commit(self, link: Link, add: _Add) -> None:
+        """Group commit: up to ``max_in_flight`` pipelines on their way at once; a message that
+        finds them all busy waits, and the next free one takes every message waiting (one
+        pipeline, one WAIT/WAITAOF for all). Under light load each message goes alone, at
+        once; under heavy load the client's cost per message falls."""
+        self._queue.append(add)
+        try:
+            while add.taken is None:
+                if self._in_flight < self.max_in_flight:
+                    batch, self._queue = self._queue, []
+                    done = anyio.Event()
+                    for queued in batch:
+                        queued.taken = done
+                    self._in_flight += 1
+                    try:
+                        await self._flush(link, batch)
+                    finally:
+                        self._in_flight -= 1
+                        done.set()
+                        if self._slot_free is not None:
+                            self._slot_free.set()
+                            self._slot_free = None
+                    break
+                if self._slot_free is None:
+                    self._slot_free = anyio.Event()
+                await self._slot_free.wait()
+            else:
+                await add.taken.wait()
+        except BaseException:
+            if add in self._queue:  # cancelled before a pipeline took it: none will
+                self._queue.remove(add)
+            raise
+        if isinstance(add.outcome, BaseException):
+            raise add.outcome
+
+    async def _flush(self, link: Link, batch: list[_Add]) -> None:
+        durability = self._durability()
+        try:
+            if len(batch) == 1 and not durability:
+                replies: list[Any] = [await link.call(*batch[0].command)]
+            else:
+                commands = [add.command for add in batch] + durability
+                replies = await link.batch(commands, raise_on_error=False)
+                self._check_durability(replies, len(batch))
+        except BaseException as exc:
+            failure = exc if isinstance(exc, Exception) else StoreUnavailable("cancelled")
+            for add in batch:
+                add.outcome = failure
+            raise
+        for add, reply in zip(batch, replies, strict=False):
+            add.outcome = reply
+
     def _durability(self) -> list[list[Arg]]:
         timeout_ms = max(1, round(self.wait_timeout * 1000))
         commands: list[list[Arg]] = []
@@ -657,6 +726,9 @@ class RedisStreamStore:
 
     def _check_durability(self, replies: list[Any], first: int) -> None:
         index = first
+        for reply in replies[first:]:
+            if isinstance(reply, Exception):
+                raise reply
         if self.wait_replicas:
             acknowledged = int(replies[index])
             if acknowledged < self.wait_replicas:

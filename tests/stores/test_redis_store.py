@@ -172,3 +172,38 @@ def test_url_options_are_ours_the_rest_goes_to_redis_py() -> None:
     assert parsed.connect == "redis://:secret@h:6380/2?health_check_interval=5"
     assert parsed.options == {"stream": "s", "wait": "1"}
     assert parsed.where == "h:6380"
+
+
+async def test_concurrent_messages_share_pipelines_and_all_land(
+    redis_server: RedisServer, stream: str
+) -> None:
+    """Group commit: with 2 pipelines on their way at most, 100 concurrent puts still each get
+    their own outcome (here: all stored, once each, in the stream)."""
+    store = RedisStreamStore.from_url(redis_server.url(stream))
+    store.max_in_flight = 2
+    messages = [make_message(b"n=%d\r\n" % n) for n in range(100)]
+    async with store, anyio.create_task_group() as tasks:
+        for message in messages:
+            tasks.start_soon(store.put, message)
+    stored = [fields[b"id"].decode() for _, fields in entries(redis_server, stream)]
+    assert sorted(stored) == sorted(message.id for message in messages)
+
+
+async def test_a_failed_pipeline_fails_every_message_in_it(
+    redis_server: RedisServer, stream: str
+) -> None:
+    store = RedisStreamStore.from_url(redis_server.url(stream, wait=1, wait_timeout=20))
+    store.max_in_flight = 1
+    store.backoff = 0  # no refusal at once after the first failure: each goes to Redis
+    failures: list[BaseException] = []
+
+    async def put(content: bytes) -> None:
+        try:
+            await store.put(make_message(content))
+        except StoreUnavailable as exc:
+            failures.append(exc)
+
+    async with store, anyio.create_task_group() as tasks:
+        for n in range(10):
+            tasks.start_soon(put, b"n=%d\r\n" % n)
+    assert len(failures) == 10  # no replica acknowledged: none of them gets a 250
