@@ -204,7 +204,8 @@ class Link(Protocol):
         ...
 
     async def reset(self) -> None:
-        """Drop every pooled connection (after a failure: they may all be stale)."""
+        """Drop the idle pooled connections (after a connection failed: they may all be
+        stale); those in use fail, if they are dead, by themselves."""
         ...
 
     async def aclose(self) -> None: ...
@@ -243,7 +244,7 @@ class _AsyncioLink:
         return await pipe.execute(raise_on_error=raise_on_error)
 
     async def reset(self) -> None:
-        await self.client.connection_pool.disconnect()
+        await self.client.connection_pool.disconnect(inuse_connections=False)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -268,7 +269,9 @@ class _ThreadLink:
         return await anyio.to_thread.run_sync(self._batch, commands, raise_on_error)
 
     async def reset(self) -> None:
-        await anyio.to_thread.run_sync(self.client.connection_pool.disconnect)
+        await anyio.to_thread.run_sync(
+            functools.partial(self.client.connection_pool.disconnect, inuse_connections=False)
+        )
 
     async def aclose(self) -> None:
         await anyio.to_thread.run_sync(self.client.close)
@@ -759,12 +762,14 @@ class RedisStreamStore:
         self._refused += 1
         self._down_reason = reason
         self._retry_at = now + self._delay
-        # Every pooled connection may be as dead as this one: start afresh next time.
-        with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeout):
-            try:
-                await link.reset()
-            except Exception:
-                pass
+        redis = _import_redis()
+        if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+            # The idle connections may be as dead as this one: the next try opens new ones.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeout):
+                try:
+                    await link.reset()
+                except Exception:
+                    pass
 
     def _recovered(self) -> None:
         assert self._down_since is not None

@@ -11,7 +11,7 @@ import pytest
 
 from minismtp.stores.redis import RedisStreamStore, RedisURL, StoreUnavailable
 from tests.helpers.backends import with_uvloop
-from tests.helpers.redis_server import TRACE, RedisServer, make_message
+from tests.helpers.redis_server import TRACE, RedisServer, make_message, redis_server_binary
 
 pytestmark = pytest.mark.anyio
 
@@ -207,3 +207,15 @@ async def test_a_failed_pipeline_fails_every_message_in_it(
         for n in range(10):
             tasks.start_soon(put, b"n=%d\r\n" % n)
     assert len(failures) == 10  # no replica acknowledged: none of them gets a 250
+
+
+def test_without_redis_server_the_tests_skip_but_fail_under_ci(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="redis-server is not available"):
+        redis_server_binary()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true: the Redis tests must run"):
+        redis_server_binary()
