@@ -42,6 +42,7 @@ import attrs
 from anyio.abc import TaskStatus
 
 from minismtp.app import App
+from minismtp.message import Message
 from minismtp.stores.redis import (
     DEFAULT_STREAM,
     MIB,
@@ -53,7 +54,6 @@ from minismtp.stores.redis import (
     _reason,
     connect,
 )
-from minismtp.types import Message
 
 logger = logging.getLogger("minismtp.consume")
 
@@ -61,11 +61,14 @@ DEFAULT_GROUP = "minismtp"
 
 
 def build_message(entry: Entry, body: bytes | Path) -> Message:
-    """The Message of ``entry`` with ``body`` (the whole message, our trace header first)."""
+    """The Message of ``entry`` with ``body`` (the whole message, our trace header first):
+    bytes are held in memory, a file is read where it lies (not loaded)."""
     envelope = entry.envelope()
     size = envelope.pop("size")
-    data = body if isinstance(body, bytes) else body.read_bytes()
-    return Message(data=data, trace_length=max(0, len(data) - size), **envelope)
+    if isinstance(body, bytes):
+        return Message.from_bytes(body, trace_length=max(0, len(body) - size), **envelope)
+    total = body.stat().st_size
+    return Message.from_file(body, trace_length=max(0, total - size), **envelope)
 
 
 async def call_hooks(app: App, message: Message) -> None:
@@ -318,9 +321,7 @@ class Consumer:
                     )
                     return
                 finally:
-                    close = getattr(message, "close", None)
-                    if close is not None:
-                        close()
+                    message.close()
         except ValueError as exc:  # a malformed entry: no later delivery will do better
             await self._bury(entry, str(exc))
             return

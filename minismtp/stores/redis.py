@@ -49,7 +49,8 @@ import anyio
 import anyio.to_thread
 import attrs
 
-from minismtp.types import Address, Message, Reply, TLSInfo
+from minismtp.message import Message
+from minismtp.types import Address, Reply, TLSInfo
 
 if TYPE_CHECKING:
     import redis as redis_sync
@@ -443,16 +444,13 @@ class Entry:
 async def _pieces(message: Message, size: int) -> AsyncIterator[bytes]:
     """The whole message (trace header first) in pieces of ``size`` octets (the last shorter),
     from the spool: never more than one piece joined in memory."""
-    chunks = getattr(message, "chunks", None)
-    if chunks is None:  # a Message that holds its data
-        data = memoryview(message.data)
-        for start in range(0, len(data), size):
-            yield bytes(data[start : start + size])
-        return
     piece = bytearray()
-    async for chunk in chunks():
+    async for chunk in message.chunks(size):
+        if not piece and len(chunk) == size:
+            yield bytes(chunk)
+            continue
         piece += chunk
-        while len(piece) >= size:
+        if len(piece) >= size:
             yield bytes(piece[:size])
             del piece[:size]
     if piece:

@@ -22,8 +22,8 @@ from typing import Any
 import attrs
 import pytest
 
-from minismtp.ids import new_id
-from minismtp.types import Address, Message, TLSInfo
+from minismtp.message import Message
+from minismtp.types import Address, TLSInfo
 
 
 def need(what: str, why: str) -> None:
@@ -150,18 +150,16 @@ TRACE = b"Received: from client.example.org ([127.0.0.1])\r\n\tby mx.test; Thu, 
 
 def make_message(content: bytes, *, tls: bool = False) -> Message:
     """A Message as the App hands it to a store: our trace header, then ``content``."""
-    return Message(
-        new_id(),
-        Address("alice", "example.org", "alice@example.org"),
-        (Address("bob", "example.com"), Address("carol", "example.com")),
+    return Message.from_bytes(
         TRACE + content,
-        ("127.0.0.1", 40000),
-        "client.example.org",
-        TLSInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384") if tls else None,
-        time.time(),
-        {"BODY": "8BITMIME"},
-        ({}, {"NOTIFY": "NEVER"}),
-        len(TRACE),
+        trace_length=len(TRACE),
+        mail_from=Address("alice", "example.org", "alice@example.org"),
+        rcpt_to=(Address("bob", "example.com"), Address("carol", "example.com")),
+        peer=("127.0.0.1", 40000),
+        helo_name="client.example.org",
+        tls=TLSInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384") if tls else None,
+        mail_params={"BODY": "8BITMIME"},
+        rcpt_params=({}, {"NOTIFY": "NEVER"}),
     )
 
 
