@@ -34,7 +34,7 @@ from minismtp.metrics import Metrics
 from minismtp.protocol import Limits
 from minismtp.received import received_header
 from minismtp.spool import Spool
-from minismtp.stores import Store
+from minismtp.stores import Store, StoreUnavailable
 from minismtp.stores.maildir import Maildir
 from minismtp.types import Address, Reply, Session, Transaction, queued_reply
 
@@ -465,6 +465,9 @@ class App:
                 self._send.send_nowait(message)  # the usual hand-over: no coroutine for it
             else:
                 await self._store(store, message)
+        except StoreUnavailable as exc:
+            logger.debug("message %s not stored: %s; answered 451", message.id, exc)
+            return LOCAL_ERROR
         except (OSError, anyio.ClosedResourceError, anyio.BrokenResourceError):
             logger.exception("could not hand over message %s; answered 451", message.id)
             return LOCAL_ERROR

@@ -49,6 +49,7 @@ import anyio
 import anyio.to_thread
 import attrs
 
+from minismtp import stores
 from minismtp.message import Message
 from minismtp.types import Address, Reply, TLSInfo
 
@@ -65,7 +66,7 @@ MIB = 1024 * 1024
 Arg = str | bytes | int | float
 
 
-class StoreUnavailable(OSError):
+class StoreUnavailable(stores.StoreUnavailable):
     """Redis did not take the message (unreachable, timing out, read-only, out of memory, too
     few replicas): nothing was acknowledged, the client is answered ``451 4.3.0``."""
 

@@ -286,6 +286,8 @@ def test_redis_stopped_means_451_and_the_mx_recovers_by_itself(
     failed = [line for line in mx.stderr if "minismtp.stores.redis" in line and "failed:" in line]
     back = [line for line in mx.stderr if "works again after" in line]
     assert len(failed) == 1 and len(back) == 1, mx.output()
+    # One line when Redis failed, one when it was back: no traceback per refused message.
+    assert not any("Traceback" in line for line in mx.stderr), mx.output()
 
 
 def test_a_consumer_killed_mid_message_has_it_claimed_by_another(
