@@ -162,3 +162,24 @@ async def test_a_slow_hook_keeps_its_entry_from_other_consumers(
             await until(lambda: one.handled == 1)
     assert calls == [message_id]
     assert two.handled == 0
+
+
+async def test_the_consumer_waits_for_redis_to_come_back(
+    own_redis: RedisServer, stream: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = App()
+    got: list[str] = []
+
+    @app.on_message
+    def keep(message: Message) -> None:
+        got.append(message.id)
+
+    async with consuming(app, own_redis, stream, backoff_max=0.05):
+        own_redis.stop()
+        await until(lambda: any("failed" in r.getMessage() for r in caplog.records))
+        own_redis.start()
+        [message_id] = await put(own_redis, stream, b"Subject: back\r\n\r\n")
+        await until(lambda: got == [message_id])
+    messages = [r.getMessage() for r in caplog.records if r.name == "minismtp.consume"]
+    assert sum("failed" in m for m in messages) == 1, messages
+    assert sum("works again" in m for m in messages) == 1, messages

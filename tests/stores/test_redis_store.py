@@ -219,3 +219,17 @@ def test_without_redis_server_the_tests_skip_but_fail_under_ci(
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI=true: the Redis tests must run"):
         redis_server_binary()
+
+
+async def test_waitaof_needs_redis_7_2(redis_server: RedisServer, stream: str) -> None:
+    client = redis_server.client()
+    version = tuple(int(n) for n in client.info("server")["redis_version"].split(".")[:2])
+    client.close()
+    store = RedisStreamStore.from_url(redis_server.url(stream, waitaof="1,0"))
+    if version >= (7, 2):  # this server has WAITAOF: the AOF is fsynced before the 250
+        async with store:
+            await store.put(make_message(b"x\r\n"))
+        assert len(entries(redis_server, stream)) == 1
+    else:
+        with pytest.raises(OSError, match=r"waitaof= needs Redis 7\.2 or later"):
+            await store.open()
