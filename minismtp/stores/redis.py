@@ -496,7 +496,7 @@ class RedisStreamStore:
     timeout: float = 5.0
     backoff: float = 0.1
     backoff_max: float = 2.0
-    max_in_flight: int = 8  # XADD pipelines on their way at once (see _commit)
+    max_in_flight: int = 4  # XADD pipelines on their way at once (see _commit)
     #: Stores that write files want the spool there; a Redis store takes the body from anywhere.
     spool_dir: Path | None = None
     _link: Link | None = attrs.field(default=None, init=False)
