@@ -303,25 +303,29 @@ class Consumer:
                     await self._bury(entry, "its body key is gone")
                     return
                 message = build_message(entry, body)
+                failure: Exception | None = None
                 try:
                     async with anyio.create_task_group() as tasks:
                         tasks.start_soon(self._keep_claimed, entry.stream_id)
                         try:
                             await call_hooks(self.app, message)
+                        except Exception as exc:  # caught here: not wrapped in a group
+                            failure = exc
                         finally:
                             tasks.cancel_scope.cancel()
-                except Exception:
+                finally:
+                    message.close()
+                if failure is not None:
                     self.failed += 1
-                    logger.exception(
+                    logger.error(
                         "on_message hook failed for message %s (entry %s); it stays pending "
                         "and is delivered again after %g s",
                         message_id,
                         entry.stream_id,
                         self.claim_after,
+                        exc_info=failure,
                     )
                     return
-                finally:
-                    message.close()
         except ValueError as exc:  # a malformed entry: no later delivery will do better
             await self._bury(entry, str(exc))
             return
