@@ -4,9 +4,9 @@ The consumer side of :class:`~minismtp.stores.redis.RedisStreamStore`: any numbe
 ``minismtp consume`` processes, on any machines, share the stream's entries through one
 consumer group (Redis Streams' ``XREADGROUP``), each entry handled by one of them:
 
-- each entry becomes the same :class:`~minismtp.types.Message` the in-process channel gives
-  (body API included; a body stored in a key is streamed to a temporary file first), and the
-  App's ``on_message`` hooks are called with it, in order;
+- each entry becomes the same :class:`~minismtp.message.Message` the in-process channel gives
+  (body API included; a body stored in a key is copied into a spool file first), and the
+  App's ``on_message`` hooks are called with it, in order; it is closed when they return;
 - when they return, the entry is acknowledged (``XACK``), removed from the stream (``XDEL``,
   unless ``--keep-entries``) and its body key deleted, in one ``MULTI``;
 - a hook that raises leaves the entry pending: it is delivered again once it has been idle
@@ -43,6 +43,7 @@ from anyio.abc import TaskStatus
 
 from minismtp.app import App
 from minismtp.message import Message
+from minismtp.spool import Spool
 from minismtp.stores.redis import (
     DEFAULT_STREAM,
     MIB,
@@ -60,15 +61,14 @@ logger = logging.getLogger("minismtp.consume")
 DEFAULT_GROUP = "minismtp"
 
 
-def build_message(entry: Entry, body: bytes | Path) -> Message:
-    """The Message of ``entry`` with ``body`` (the whole message, our trace header first):
-    bytes are held in memory, a file is read where it lies (not loaded)."""
+def build_message(entry: Entry, body: bytes | Spool) -> Message:
+    """The Message of ``entry`` over ``body`` (the whole message, our trace header first):
+    bytes held in memory, or a spool."""
     envelope = entry.envelope()
     size = envelope.pop("size")
     if isinstance(body, bytes):
         return Message.from_bytes(body, trace_length=max(0, len(body) - size), **envelope)
-    total = body.stat().st_size
-    return Message.from_file(body, trace_length=max(0, total - size), **envelope)
+    return Message(spool=body, trace_length=max(0, body.size - size), **envelope)
 
 
 async def call_hooks(app: App, message: Message) -> None:
@@ -293,66 +293,69 @@ class Consumer:
 
     async def _handle(self, entry: Entry) -> None:
         """One entry: the hooks, then the acknowledgement (or nothing, if a hook raised)."""
-        import tempfile  # here: the server, which builds this command's parser, need not load it
-
+        message_id = entry.message_id
         try:
-            message_id = entry.message_id
-            with tempfile.TemporaryDirectory(dir=self.spool_dir, prefix="minismtp-") as tmp:
-                body = await self._body(entry, Path(tmp))
-                if body is None:
-                    await self._bury(entry, "its body key is gone")
-                    return
-                message = build_message(entry, body)
-                failure: Exception | None = None
-                try:
-                    async with anyio.create_task_group() as tasks:
-                        tasks.start_soon(self._keep_claimed, entry.stream_id)
-                        try:
-                            await call_hooks(self.app, message)
-                        except Exception as exc:  # caught here: not wrapped in a group
-                            failure = exc
-                        finally:
-                            tasks.cancel_scope.cancel()
-                finally:
-                    message.close()
-                if failure is not None:
-                    self.failed += 1
-                    logger.error(
-                        "on_message hook failed for message %s (entry %s); it stays pending "
-                        "and is delivered again after %g s",
-                        message_id,
-                        entry.stream_id,
-                        self.claim_after,
-                        exc_info=failure,
-                    )
-                    return
+            body = await self._body(entry)
+            if body is None:
+                await self._bury(entry, "its body key is gone")
+                return
+            message = build_message(entry, body)
         except ValueError as exc:  # a malformed entry: no later delivery will do better
             await self._bury(entry, str(exc))
+            return
+        failure: Exception | None = None
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._keep_claimed, entry.stream_id)
+                try:
+                    await call_hooks(self.app, message)
+                except Exception as exc:  # caught here: not wrapped in a group
+                    failure = exc
+                finally:
+                    tasks.cancel_scope.cancel()
+        finally:
+            message.close()  # the hooks are done with it: its spool file goes
+        if failure is not None:
+            self.failed += 1
+            logger.error(
+                "on_message hook failed for message %s (entry %s); it stays pending "
+                "and is delivered again after %g s",
+                message_id,
+                entry.stream_id,
+                self.claim_after,
+                exc_info=failure,
+            )
             return
         await self._acknowledge(entry)
         self.handled += 1
         logger.debug("message %s (entry %s) handled", message_id, entry.stream_id)
 
-    async def _body(self, entry: Entry, tmp: Path) -> bytes | Path | None:
+    async def _body(self, entry: Entry) -> bytes | Spool | None:
+        """The entry's body: its ``body`` field, or its body key read in pieces into a spool
+        file (named and locked as the server's are: a consumer killed meanwhile leaves one
+        that the next App to start with that spool directory removes)."""
         body = entry.fields.get("body")
         if body is not None:
             return body
         key = entry.body_key
         if key is None:
             raise ValueError(f"entry {entry.stream_id} has neither body nor body_key")
-        path = tmp / "message"
-        with path.open("wb") as file:
-            offset = 0
+        spool = Spool(self.spool_dir, 0)  # no memory limit to speak of: straight to a file
+        try:
             while True:
-                piece = await self.link.call("GETRANGE", key, offset, offset + MIB - 1)
+                piece = await self.link.call("GETRANGE", key, spool.size, spool.size + MIB - 1)
                 if piece:
-                    await anyio.to_thread.run_sync(file.write, piece)
-                    offset += len(piece)
+                    await anyio.to_thread.run_sync(spool.write, piece)
                 if len(piece) < MIB:
                     break
-        if offset == 0 and not await self.link.call("EXISTS", key):
-            return None
-        return path
+            if spool.size == 0 and not await self.link.call("EXISTS", key):
+                spool.close()
+                return None
+            await anyio.to_thread.run_sync(spool.finish)
+        except BaseException:
+            spool.close()
+            raise
+        return spool
 
     async def _keep_claimed(self, stream_id: str) -> None:
         """While the hooks run, reset the entry's idle time, so that no other consumer claims
@@ -479,6 +482,13 @@ def add_parser(commands: Any) -> None:
         help="leave acknowledged entries (and their body keys) in the stream, for other "
         "groups; trim it yourself (default: delete them)",
     )
+    consume.add_argument(
+        "--spool-dir",
+        type=Path,
+        metavar="DIR",
+        help="where a body kept in a Redis key is copied for the hooks (default: the system's "
+        "temporary directory)",
+    )
     consume.add_argument("--loop", choices=cli.LOOPS, default="auto", help="event loop")
     consume.add_argument(
         "--log-level", choices=cli.LOG_LEVELS, default="info", help="(default: %(default)s)"
@@ -504,6 +514,7 @@ def main(args: argparse.Namespace) -> int:
                 dead_letter=args.dead_letter,
                 batch=args.batch,
                 keep_entries=args.keep_entries,
+                spool_dir=args.spool_dir,
             )
         except ValueError as exc:
             raise cli.UsageError(str(exc)) from None

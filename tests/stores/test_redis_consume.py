@@ -80,8 +80,8 @@ async def test_hooks_get_the_message_as_the_channel_gives_it(
     small, large = got
     assert (small.id, large.id) == (small_id, big_id)
     assert contents[0] == (TRACE + content, content, False)
-    assert contents[1] == (TRACE + big * 2000, big * 2000, True)  # read from a temporary file
-    assert large.closed  # its temporary file is gone with the hooks done
+    assert contents[1] == (TRACE + big * 2000, big * 2000, True)  # read from a spool file
+    assert large.closed  # its spool file is gone with the hooks done
     assert small.size == len(content)
     assert str(small.mail_from) == "alice@example.org"
     assert [str(r) for r in small.rcpt_to] == ["bob@example.com", "carol@example.com"]

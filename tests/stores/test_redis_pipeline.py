@@ -139,9 +139,12 @@ def test_round_trip_is_byte_exact(
     for message_id, content in zip(ids, contents, strict=True):
         assert_stored(stored[message_id][0], content)
         assert stored[message_id][1] == len(content)
-    with consume(f"{url}&group=g", tmp_path, "--loop", loop) as consumer:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with consume(f"{url}&group=g", tmp_path, "--loop", loop, "--spool-dir", str(spool)) as consumer:
         until(lambda: len(handled(tmp_path)) == 3, what="3 messages handled")
         assert consumer.stop() == 0
+    assert list(spool.iterdir()) == []  # the 30 MB body's copy went with its message
     assert [mid for _, mid in handled(tmp_path)] == ids  # in stream order
     for message_id in ids:
         (path,) = tmp_path.glob(f"{message_id}.*")
