@@ -365,12 +365,15 @@ def _configure_app(app: ServableApp, args: argparse.Namespace) -> None:
 
 def open_store(url: str) -> Any:
     """The store a ``--store`` URL names, checked now (it answers): UsageError if not."""
-    scheme = url.partition(":")[0].lower()
-    if scheme not in ("redis", "rediss", "unix"):
-        raise UsageError(f"--store: {url!r} is not a store URL (redis://host:port/db?stream=NAME)")
-    try:
-        from minismtp.stores import redis as redis_store
+    from minismtp.stores import redis as redis_store  # not imported by servers without --store
 
+    scheme = url.partition(":")[0].lower()
+    if scheme not in redis_store.SCHEMES:
+        shown = redis_store.redacted(url)
+        raise UsageError(
+            f"--store: {shown!r} is not a store URL (redis://host:port/db?stream=NAME)"
+        )
+    try:
         store = redis_store.RedisStreamStore.from_url(url)
         redis_store.check(url, timeout=store.timeout)
     except (ImportError, ValueError, OSError) as exc:

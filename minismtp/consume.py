@@ -54,6 +54,7 @@ from minismtp.stores.redis import (
     _import_redis,
     _reason,
     connect,
+    redacted,
 )
 
 logger = logging.getLogger("minismtp.consume")
@@ -86,7 +87,7 @@ class Consumer:
     ``on_message`` hooks for each entry it is given."""
 
     app: App
-    url: str  # redis-py's form (see RedisURL.connect)
+    url: str = attrs.field(repr=lambda url: repr(redacted(url)))  # redis-py's form
     stream: str = DEFAULT_STREAM
     group: str = DEFAULT_GROUP
     name: str = attrs.field(factory=lambda: f"{socket.gethostname()}-{os.getpid()}")

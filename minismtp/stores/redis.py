@@ -120,20 +120,21 @@ class RedisURL:
 
     @classmethod
     def parse(cls, url: str) -> RedisURL:
+        shown = redacted(url)  # errors are printed and logged: never with the password
         try:
             parts = urllib.parse.urlsplit(url)
             parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
         except ValueError as exc:
-            raise ValueError(f"not a valid Redis URL: {url!r} ({exc})") from None
+            raise ValueError(f"not a valid Redis URL: {shown!r} ({exc})") from None
         if parts.scheme not in SCHEMES:
             raise ValueError(
-                f"not a Redis URL: {url!r} (expected redis://host:port/db, rediss://... "
+                f"not a Redis URL: {shown!r} (expected redis://host:port/db, rediss://... "
                 "or unix:///path/to/socket)"
             )
         if parts.scheme != "unix" and not parts.hostname:
-            raise ValueError(f"not a Redis URL: {url!r} (no host)")
+            raise ValueError(f"not a Redis URL: {shown!r} (no host)")
         if parts.scheme == "unix" and not parts.path:
-            raise ValueError(f"not a Redis URL: {url!r} (no socket path)")
+            raise ValueError(f"not a Redis URL: {shown!r} (no socket path)")
         ours: dict[str, str] = {}
         theirs: list[tuple[str, str]] = []
         for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
@@ -145,7 +146,7 @@ class RedisURL:
         if parts.scheme != "unix" and path not in ("", "/"):
             db = path.lstrip("/")
             if not db.isdigit():
-                raise ValueError(f"not a Redis URL: {url!r} (the database must be a number)")
+                raise ValueError(f"not a Redis URL: {shown!r} (the database must be a number)")
         connect = urllib.parse.urlunsplit(
             (parts.scheme, parts.netloc, path, urllib.parse.urlencode(theirs), "")
         )
@@ -186,6 +187,19 @@ class RedisURL:
         if not (seconds > 0 and math.isfinite(seconds)):
             raise ValueError(f"Redis URL: {name}={value!r} is not a number of seconds > 0")
         return seconds
+
+
+def redacted(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***`` (for logs and reprs)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:
+        return "<a URL that does not parse>"
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 # -- one way to send commands, on either backend ----------------------------------------------
@@ -314,7 +328,7 @@ def check(url: str, timeout: float = 5.0) -> None:
     except redis.RedisError as exc:
         raise OSError(f"cannot reach Redis at {parsed.where}: {_reason(exc)}") from exc
     except TypeError as exc:  # an unknown query parameter, passed on to the connection
-        raise ValueError(f"Redis URL {url!r}: {exc}") from None
+        raise ValueError(f"Redis URL {redacted(url)!r}: {exc}") from None
     finally:
         client.close()
 
@@ -484,7 +498,7 @@ class RedisStreamStore:
     line when Redis fails, one when it is back: not one per message.
     """
 
-    url: str
+    url: str = attrs.field(repr=lambda url: repr(redacted(url)))
     stream: str = DEFAULT_STREAM
     wait_replicas: int = 0
     wait_timeout: float = 1.0  # seconds
@@ -557,7 +571,7 @@ class RedisStreamStore:
         try:
             link = connect(self.url, self.timeout)
         except (ValueError, TypeError) as exc:
-            raise OSError(f"Redis URL {self.url!r}: {exc}") from None
+            raise OSError(f"Redis URL {redacted(self.url)!r}: {exc}") from None
         redis = _import_redis()
         try:
             await link.call("PING")

@@ -172,6 +172,8 @@ def test_url_options_are_ours_the_rest_goes_to_redis_py() -> None:
     assert parsed.connect == "redis://:secret@h:6380/2?health_check_interval=5"
     assert parsed.options == {"stream": "s", "wait": "1"}
     assert parsed.where == "h:6380"
+    store = RedisStreamStore.from_url("redis://user:secret@h:6380/2")
+    assert "secret" not in repr(store) and "user:***@h:6380" in repr(store)
 
 
 async def test_concurrent_messages_share_pipelines_and_all_land(
