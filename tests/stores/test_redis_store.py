@@ -235,3 +235,32 @@ async def test_waitaof_needs_redis_7_2(redis_server: RedisServer, stream: str) -
     else:
         with pytest.raises(OSError, match=r"waitaof= needs Redis 7\.2 or later"):
             await store.open()
+
+
+async def test_wait_for_a_replica(
+    own_redis: RedisServer, stream: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """wait=1: the 250 waits for a replica to have the entry, and then it has it."""
+    primary = own_redis.client()
+    primary.config_set("repl-diskless-sync-delay", 0)  # the first sync at once, not in 5 s
+    primary.close()
+    replica = RedisServer(
+        own_redis.binary,
+        tmp_path_factory.mktemp("replica"),
+        extra=("--replicaof", "127.0.0.1", str(own_redis.port)),
+    )
+    replica.start()
+    try:
+        client = replica.client()
+        with anyio.fail_after(10):
+            while client.info("replication")["master_link_status"] != "up":  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        async with RedisStreamStore.from_url(own_redis.url(stream, wait=1)) as store:
+            message = make_message(b"replicated\r\n")
+            await store.put(message)
+        # WAIT returned: the replica has the entry now, without waiting any further.
+        [(_, fields)] = client.xrange(stream)
+        assert fields[b"id"] == message.id.encode()
+        client.close()
+    finally:
+        replica.kill()  # disposable; a replica's graceful shutdown can take seconds
