@@ -46,7 +46,7 @@ from minismtp.middleware import Middleware, MiddlewareFactory, acts_on, next_for
 from minismtp.protocol import Limits
 from minismtp.received import received_header
 from minismtp.spool import Spool
-from minismtp.stores import Store
+from minismtp.stores import Store, StoreUnavailable
 from minismtp.stores.maildir import Maildir
 from minismtp.types import Address, Reply, Session, Transaction, queued_reply
 
@@ -202,6 +202,12 @@ class App:
         accepted so far are consumed, then ends. A new serving period opens a new channel.
         """
         return self._receive
+
+    @property
+    def message_hooks(self) -> tuple[MessageHook, ...]:
+        """The ``on_message`` hooks, in the order they are called (``minismtp consume`` calls
+        them for each message it reads from a Redis stream)."""
+        return tuple(self._message_hooks)
 
     def add_middleware(
         self, middleware: MiddlewareFactory[P], /, *args: P.args, **options: P.kwargs
@@ -442,6 +448,9 @@ class App:
                 self._send.send_nowait(message)  # the usual hand-over: no coroutine for it
             else:
                 await self._store(store, message)
+        except StoreUnavailable as exc:
+            logger.debug("message %s not stored: %s; answered 451", message.id, exc)
+            return LOCAL_ERROR
         except (OSError, anyio.ClosedResourceError, anyio.BrokenResourceError):
             logger.exception("could not hand over message %s; answered 451", message.id)
             return LOCAL_ERROR

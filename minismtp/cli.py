@@ -40,7 +40,7 @@ import anyio.abc
 import attrs
 
 from minismtp import __version__, allocator, dns, logs
-from minismtp.app import default_app
+from minismtp.app import App, default_app
 from minismtp.maildir import MaildirError
 from minismtp.metrics import serve_metrics
 from minismtp.proxy import LOOPBACK, parse_networks
@@ -90,7 +90,7 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         # One line, not argparse's usage block: the user asked for --help if they want it.
-        self.exit(2, f"minismtp: error: {message} (see 'minismtp run --help')\n")
+        self.exit(2, f"minismtp: error: {message} (see '{self.prog} --help')\n")
 
 
 N = TypeVar("N", int, float)
@@ -356,11 +356,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="the DNS server that SPF, DKIM, DMARC and DNSBL middleware ask "
         "(default: those of /etc/resolv.conf)",
     )
-    store = run.add_argument_group("embedded default")
+    store = run.add_argument_group("where messages go")
     store.add_argument(
         "--maildir",
         metavar="DIR",
         help="Maildir the embedded default stores messages in (default: ./maildir)",
+    )
+    store.add_argument(
+        "--store",
+        metavar="URL",
+        help="hand every message to this store before the 250, instead of the App's own: "
+        "redis://host:port/db?stream=NAME (Redis Streams; pip install 'minismtp[redis]'); "
+        "checked at startup",
     )
     run.add_argument(
         "--log-level",
@@ -369,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         help="log messages of this level and above (default: %(default)s)",
     )
+    from minismtp import consume
+
+    consume.add_parser(commands)
     return parser
 
 
@@ -488,13 +498,42 @@ def _configure_app(app: ServableApp, args: argparse.Namespace) -> None:
         app.limits = attrs.evolve(app.limits, accept_bare_line_endings=True)
 
 
+def open_store(url: str) -> Any:
+    """The store a ``--store`` URL names, checked now (it answers): UsageError if not."""
+    from minismtp.stores import redis as redis_store  # not imported by servers without --store
+
+    scheme = url.partition(":")[0].lower()
+    if scheme not in redis_store.SCHEMES:
+        shown = redis_store.redacted(url)
+        raise UsageError(
+            f"--store: {shown!r} is not a store URL (redis://host:port/db?stream=NAME)"
+        )
+    try:
+        store = redis_store.RedisStreamStore.from_url(url)
+        redis_store.check(url, timeout=store.timeout)
+    except (ImportError, ValueError, OSError) as exc:
+        raise UsageError(f"--store: {exc}") from exc
+    return store
+
+
 def _load(args: argparse.Namespace) -> tuple[ServableApp, TLSConfig | None]:
+    if args.store is not None and args.maildir is not None:
+        raise UsageError(
+            "--store and --maildir are mutually exclusive: a message goes to one place "
+            "before its 250 (--store for Redis, --maildir for a local Maildir)"
+        )
+    store = open_store(args.store) if args.store is not None else None
     if args.app is None:
-        app: ServableApp = default_app(maildir=args.maildir or "./maildir", hostname=args.hostname)
+        if store is not None:
+            app: ServableApp = App(hostname=args.hostname or socket.gethostname(), store=store)
+        else:
+            app = default_app(maildir=args.maildir or "./maildir", hostname=args.hostname)
     elif args.maildir is not None:
         raise UsageError("--maildir is for the embedded default; give your App a maildir")
     else:
         app = import_app(args.app, factory=args.factory)
+        if store is not None:
+            app.store = store  # type: ignore[attr-defined]
     _configure_app(app, args)
     if args.proxy_trusted is not None and not args.proxy_protocol:
         raise UsageError("--proxy-trusted needs --proxy-protocol")
@@ -810,12 +849,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     logs.configure(args.log_level)
-    if args.resolver is not None:
+    if getattr(args, "resolver", None) is not None:  # run and consume alike
         host, port = args.resolver
         dns.configure([host], port)
     # As uvicorn does: ``minismtp run myapp:app`` finds myapp.py where the user stands.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    if args.command == "consume":
+        from minismtp import consume
+
+        return consume.main(args)
     try:
         backend, backend_options, loop_name = choose_loop(args.loop)
         # The parent of --workers loads the App too: a bad one is one line and exit 2 here.

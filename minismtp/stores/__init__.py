@@ -25,7 +25,7 @@ from minismtp.types import Address, Reply
 if TYPE_CHECKING:
     from minismtp.message import Message
 
-__all__ = ["Store"]
+__all__ = ["Store", "StoreUnavailable"]
 
 
 @runtime_checkable
@@ -52,3 +52,9 @@ class Store(Protocol):
 
     async def close(self) -> None:
         """Let go of what :meth:`open` took, when the App stops serving."""
+
+
+class StoreUnavailable(OSError):
+    """What a store's ``put`` may raise when the store cannot take messages for now (a server
+    down) and has said so in its own log, once, when it began: the App answers ``451 4.3.0``
+    without logging a traceback for each message (the server's line per transaction remains)."""

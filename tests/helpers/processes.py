@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -90,9 +90,13 @@ class Running:
                     raise AssertionError(f"no {pattern!r} on {stream}: {self.output}")
                 self._changed.wait(left)
 
-    def stop(self, signum: int = signal.SIGTERM) -> int:
-        self.process.send_signal(signum)
-        self.returncode = self.process.wait(timeout=30)
+    def send_signal(self, signum: int) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30) -> int:
+        self.send_signal(signum)
+        self.returncode = self.process.wait(timeout=timeout)
         return self.returncode
 
     @property
@@ -147,3 +151,44 @@ def run(*args: str, cwd: Path = ROOT, wrapper: Sequence[str] = (), **env: str) -
             running.returncode = process.wait()
         for reader in readers:
             reader.join(timeout=10)
+
+
+@contextmanager
+def spawned(
+    *args: str, env: Mapping[str, str] | None = None, ready: str | None = None
+) -> Iterator[Running]:
+    """``python -m minismtp ARGS`` until the block ends (then killed if still running): any
+    subcommand (``run``, ``consume``), for tests that kill and restart processes.
+
+    ``ready``: a pattern on stdout to wait for first; :data:`LISTENING` also sets ``port``.
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-m", "minismtp", *args],
+        cwd=ROOT,
+        env=project_env(**(env or {})),
+        stdin=subprocess.PIPE,  # a worker of --workers watches it for its parent's end
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    running = Running(process)
+    readers = [
+        threading.Thread(target=running._collect, args=(stream,), daemon=True)
+        for stream in ("stdout", "stderr")
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+        if ready is not None:
+            match = running.wait_for("stdout", ready)
+            if ready == LISTENING:
+                running.port = int(match.group(1))
+        yield running
+    finally:
+        if process.poll() is None:
+            process.kill()
+        running.returncode = process.wait()
+        assert process.stdin is not None
+        process.stdin.close()
+        for reader in readers:
+            reader.join(timeout=5)
