@@ -63,9 +63,10 @@ def rfc5322_date(when: float) -> str:
 
 
 def with_protocol(session: Session, transaction: Transaction) -> str:
-    """The ``with`` word: SMTP, ESMTP, ESMTPS (RFC 3848) or UTF8SMTP(S) (RFC 6531 3.7.3)."""
+    """The ``with`` word: SMTP, ESMTP, ESMTPS, LMTP, LMTPS (RFC 3848) or UTF8SMTP(S),
+    UTF8LMTP(S) (RFC 6531 3.7.3)."""
     if transaction.smtputf8 and session.esmtp:
-        return "UTF8SMTPS" if session.tls else "UTF8SMTP"
+        return f"UTF8{session.protocol.removeprefix('E')}"
     return session.protocol
 
 
