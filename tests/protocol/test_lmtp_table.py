@@ -274,3 +274,17 @@ BUSY = Reply(452, "4.2.2", "Mailbox full")
 )
 def test_fold_replies(reply: Reply, outcomes: list[Reply], folded: Reply) -> None:
     assert fold_replies(reply, outcomes) == folded
+
+
+def test_a_unix_socket_peer_is_named_in_the_received_header() -> None:
+    """No client address on a unix socket: its path, in a comment (RFC 5322 3.2.2)."""
+    from minismtp.received import received_header
+
+    session = Session(lmtp=True, esmtp=True, helo_name="postfix.example", peer=("/run/m/lmtp.sock", 0))
+    tx = Transaction(session, Address("a", "b.c"))
+    header = received_header(session, tx, "ID1", by="lists.example", when=0).decode()
+    assert header.startswith("Received: from postfix.example (unix:/run/m/lmtp.sock)\r\n")
+    assert "\tby lists.example with LMTP id ID1" in header
+    odd = Session(esmtp=True, helo_name="x", peer=("/tmp/a (b)\\c.sock", 0))
+    header = received_header(odd, Transaction(odd, Address("a", "b.c")), "ID2", by="mx", when=0).decode()
+    assert "(unix:/tmp/a??b??c.sock)" in header
