@@ -15,9 +15,13 @@ every recipient was delivered); the App answers each recipient with its own in L
 folds them in SMTP. A recipient missing from the mapping has its copy on disk: written and
 fsynced, linked into ``new/``, and ``new/`` fsynced, before ``put`` returns.
 
-The message is written once: the first mailbox gets the file, the others a hard link to it
-(a Maildir message is never changed in place: a mail reader renames it into ``cur/`` with
-its flags). Where a link cannot be made (another file system) the mailbox gets its own copy.
+The message is written once at most: a large message was spooled as it came in into
+``<root>/.spool/`` (the store's ``spool_dir``), and every mailbox gets a hard link to that
+file; a small one, held in memory, is written into the first mailbox and linked into the
+others. (A Maildir message is never changed in place: a mail reader renames it into ``cur/``
+with its flags.) Where a link cannot be made (another file system) the mailbox gets its own
+copy. Files left in ``.spool/`` by a server that died are removed after 36 hours, as a
+Maildir's ``tmp/``.
 """
 
 from __future__ import annotations
@@ -25,17 +29,20 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.to_thread
 import attrs
 
+from minismtp.spool import STALE_AFTER, Spool, clean_directory
 from minismtp.stores.maildir import _safe_hostname, unique_name
 from minismtp.types import Address, Reply
+
+if TYPE_CHECKING:
+    from minismtp.message import Message
 
 logger = logging.getLogger("minismtp.stores.mailboxes")
 
@@ -50,16 +57,6 @@ _FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 # link() fails with these where a copy still works: across file systems, on a file system
 # without hard links, or past a file's link count.
 _NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP})
-_COPY_CHUNK = 1024 * 1024
-
-
-class _Content(Protocol):
-    """What the store reads of a message: its recipients and its bytes."""
-
-    @property
-    def rcpt_to(self) -> tuple[Address, ...]: ...
-
-    def open(self) -> BinaryIO: ...
 
 
 def _plain(part: str) -> bool:
@@ -127,9 +124,13 @@ class Mailboxes:
     mailbox: MailboxMap | None = None
     create: bool = False
     hostname: str = attrs.field(factory=_safe_hostname)
-    #: Content comes through ``message.open()``: the store needs no spool file of its own.
-    spool_dir: Path | None = attrs.field(default=None, init=False)
     _syncs: dict[Path, _DirectorySync] = attrs.field(factory=dict, init=False)
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where the App spools large messages: beside the mailboxes, so that each gets a
+        link to that file rather than a copy."""
+        return self.root / ".spool"
 
     def path_for(self, address: Address) -> Path | None:
         """The Maildir ``address`` is delivered into, or None if it can have none."""
@@ -148,20 +149,22 @@ class Mailboxes:
         return path is not None and (self.create or path.is_dir())
 
     async def open(self) -> None:
-        """Check ``root`` at startup (created when missing)."""
+        """Check ``root`` at startup (created when missing), make the spool folder, and clean
+        it of what deliveries that never finished left there."""
 
         def check() -> None:
             try:
-                self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as exc:
                 raise OSError(exc.errno, f"mailbox root {self.root}: {exc.strerror}") from exc
+            clean_directory(self.spool_dir, prefix=None, older_than=STALE_AFTER)
 
         await anyio.to_thread.run_sync(check)
 
     async def close(self) -> None:
         self._syncs.clear()
 
-    async def put(self, message: _Content) -> Mapping[Address, Reply]:
+    async def put(self, message: Message) -> Mapping[Address, Reply]:
         """Deliver ``message`` to each recipient's mailbox; the failed ones' replies."""
         recipients = message.rcpt_to
         paths = {address: self.path_for(address) for address in recipients}
@@ -196,10 +199,15 @@ class Mailboxes:
     # -- the blocking part, in a worker thread ----------------------------------------------
 
     def _deliver(
-        self, message: _Content, paths: Mapping[Address, Path | None], name: str
+        self, message: Message, paths: Mapping[Address, Path | None], name: str
     ) -> _Delivery:
         delivery = _Delivery()
-        source: Path | None = None  # the first copy, in its mailbox's tmp/
+        spool = message.spool
+        source: Path | None = None  # the file every mailbox links to
+        written: Path | None = None  # that file, when this delivery wrote it (in a tmp/)
+        if not spool.in_memory and spool.path is not None:
+            spool.fsync()  # the spool file itself: linked, never copied
+            source = spool.path
         try:
             for mailbox in dict.fromkeys(paths.values()):  # each mailbox once, in RCPT order
                 if mailbox is None:
@@ -208,8 +216,8 @@ class Mailboxes:
                 try:
                     self._prepare(mailbox)
                     if source is None:
-                        source = self._write(message, mailbox / "tmp" / name)
-                    self._link(message, source, mailbox, name)
+                        source = written = self._write(spool, mailbox / "tmp" / name)
+                    self._link(spool, source, mailbox, name)
                 except FileNotFoundError:
                     delivery.failed[mailbox] = NO_SUCH_MAILBOX
                 except OSError as exc:
@@ -218,8 +226,8 @@ class Mailboxes:
                 else:
                     delivery.linked.append(mailbox)
         finally:
-            if source is not None:
-                source.unlink(missing_ok=True)
+            if written is not None:
+                written.unlink(missing_ok=True)
         return delivery
 
     def _prepare(self, mailbox: Path) -> None:
@@ -234,13 +242,12 @@ class Mailboxes:
             except FileExistsError:
                 pass
 
-    def _write(self, message: _Content, path: Path) -> Path:
+    def _write(self, spool: Spool, path: Path) -> Path:
         """The message's bytes into ``path``, fsynced."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             try:
-                with message.open() as body, os.fdopen(fd, "wb", closefd=False) as out:
-                    shutil.copyfileobj(body, out, _COPY_CHUNK)
+                spool.copy_to(fd)  # in the kernel, from a spool file
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -249,7 +256,7 @@ class Mailboxes:
             raise
         return path
 
-    def _link(self, message: _Content, source: Path, mailbox: Path, name: str) -> None:
+    def _link(self, spool: Spool, source: Path, mailbox: Path, name: str) -> None:
         """``mailbox/new/name``: a link to the first copy, or a copy of its own."""
         target = mailbox / "new" / name
         try:
@@ -258,7 +265,7 @@ class Mailboxes:
         except OSError as exc:
             if exc.errno not in _NO_LINK:
                 raise
-        tmp = self._write(message, mailbox / "tmp" / name)
+        tmp = self._write(spool, mailbox / "tmp" / name)
         try:
             os.rename(tmp, target)
         except BaseException:

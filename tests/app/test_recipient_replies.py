@@ -40,10 +40,12 @@ def codes(replies: list[Reply]) -> list[str]:
     return [f"{r.code} {r.status}" for r in replies]
 
 
-async def lmtp_send(app: App, recipients: list[str], **client: object) -> tuple[list[Reply], list[Message]]:
+async def lmtp_send(
+    app: App, recipients: list[str], body: bytes = BODY, **client: object
+) -> tuple[list[Reply], list[Message]]:
     async with TestClient(app, lmtp=True, **client) as c:  # type: ignore[arg-type]
         await c.lhlo("mta.test")
-        replies = await c.send_message("a@example.org", recipients, BODY)
+        replies = await c.send_message("a@example.org", recipients, body)
         return replies, list(c.messages)
 
 
@@ -170,6 +172,24 @@ async def test_lmtp_into_mailboxes(tmp_path: Path) -> None:
     (stored,) = (tmp_path / "x.test" / "alice" / "new").iterdir()
     assert stored.read_bytes().endswith(BODY)
     assert b"with LMTP" in stored.read_bytes().split(b"\r\n\r\n")[0]
+
+
+async def test_a_large_message_is_spooled_beside_the_mailboxes_and_linked(tmp_path: Path) -> None:
+    """Past spool_memory the content goes to a file in the store's spool_dir as it streams
+    in; each mailbox then gets a link to that file, and the spool's name goes."""
+    for name in ("alice", "bob"):
+        (tmp_path / "x.test" / name).mkdir(parents=True)
+    app = App(store=Mailboxes(tmp_path), spool_memory=1024)
+    big = b"Subject: big\r\n\r\n" + (b"y" * 78 + b"\r\n") * 200
+    replies, (message,) = await lmtp_send(app, ["alice@x.test", "bob@x.test"], body=big)
+    assert codes(replies)[-2:] == ["250 2.0.0", "250 2.0.0"]
+    (a,) = (tmp_path / "x.test" / "alice" / "new").iterdir()
+    (b,) = (tmp_path / "x.test" / "bob" / "new").iterdir()
+    (spooled,) = (tmp_path / ".spool").iterdir()
+    assert a.stat().st_ino == b.stat().st_ino == spooled.stat().st_ino
+    message.close()  # the consumer is done: the spool's name goes, the mailboxes' stay
+    assert list((tmp_path / ".spool").iterdir()) == []
+    assert a.stat().st_nlink == 2 and a.read_bytes().endswith(big)
 
 
 # -- SMTP: folded -------------------------------------------------------------------------------

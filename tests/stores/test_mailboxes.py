@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import errno
-import io
 import os
 import stat
 from pathlib import Path
-from typing import BinaryIO
 
 import anyio
-import attrs
 import pytest
 
+from minismtp.message import Message
 from minismtp.stores.mailboxes import Mailboxes
 from minismtp.types import Address, Reply
 
@@ -21,24 +19,13 @@ pytestmark = pytest.mark.anyio
 DATA = b"Received: from x\r\nSubject: t\r\n\r\nbody\r\n\x00\xff\r\n"
 
 
-@attrs.frozen
-class FakeMessage:
-    """What the store reads of a Message: recipients, and the bytes through open()."""
-
-    rcpt_to: tuple[Address, ...]
-    data: bytes = DATA
-
-    def open(self) -> BinaryIO:
-        return io.BytesIO(self.data)
-
-
 def addr(text: str) -> Address:
     local, _, domain = text.rpartition("@")
     return Address(local, domain, f"<{text}>")
 
 
-def message(*recipients: str) -> FakeMessage:
-    return FakeMessage(tuple(addr(r) for r in recipients))
+def message(*recipients: str) -> Message:
+    return Message.from_bytes(DATA, rcpt_to=tuple(addr(r) for r in recipients))
 
 
 def make_mailbox(root: Path, domain: str, local: str) -> Path:
@@ -72,6 +59,49 @@ async def test_each_recipient_gets_the_message_in_new(tmp_path: Path) -> None:
     assert stat.S_IMODE(a.stat().st_mode) == 0o600
     assert list((alice / "tmp").iterdir()) == list((bob / "tmp").iterdir()) == []
     assert sorted(p.name for p in alice.iterdir()) == ["cur", "new", "tmp"]
+
+
+async def test_a_spooled_message_is_linked_never_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large message is in a file in the store's spool_dir already: each mailbox gets a
+    link to it (after an fsync of it), and nothing is written in tmp/."""
+    alice = make_mailbox(tmp_path, "example.com", "alice")
+    bob = make_mailbox(tmp_path, "example.com", "bob")
+    store = Mailboxes(tmp_path)
+    await store.open()
+    spooled = store.spool_dir / "minismtp-spool-test"
+    spooled.write_bytes(DATA)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    msg = Message.from_file(spooled, owned=True, rcpt_to=(addr("alice@example.com"), addr("bob@example.com")))
+    assert await store.put(msg) == {}
+    (a,) = delivered(alice)
+    (b,) = delivered(bob)
+    assert same_file(a, spooled) and same_file(b, spooled)
+    assert synced[0] == str(spooled)
+    assert names(alice / "tmp") == names(bob / "tmp") == []
+    msg.close()  # the spool's own name goes; the mailboxes' links stay
+    assert not spooled.exists() and a.read_bytes() == DATA
+
+
+async def test_open_makes_the_spool_folder_and_cleans_it(tmp_path: Path) -> None:
+    store = Mailboxes(tmp_path / "root")
+    await store.open()
+    old = store.spool_dir / "left-over"
+    old.write_bytes(b"x")
+    os.utime(old, (0, 0))
+    fresh = store.spool_dir / "in-use"
+    fresh.write_bytes(b"y")
+    await store.open()
+    assert names(store.spool_dir) == ["in-use"]
+    assert store.path_for(Address("a", ".spool")) is None  # never a mailbox
 
 
 async def test_an_unknown_recipient_is_refused_and_the_others_delivered(tmp_path: Path) -> None:
@@ -113,7 +143,7 @@ async def test_the_default_mapping_never_leaves_the_root(tmp_path: Path, address
     root.mkdir()
     store = Mailboxes(root, create=True)  # even where mailboxes are made on demand
     assert store.path_for(address) is None
-    replies = await store.put(FakeMessage((address,)))
+    replies = await store.put(Message.from_bytes(DATA, rcpt_to=(address,)))
     assert replies[address].code == 550
     assert names(tmp_path) == ["root"]
     assert names(root) == []
@@ -287,7 +317,7 @@ async def test_concurrent_puts_into_one_mailbox_share_fsyncs(
 
 async def test_open_creates_the_root_and_reports_a_bad_one(tmp_path: Path) -> None:
     await Mailboxes(tmp_path / "a" / "b").open()
-    assert (tmp_path / "a" / "b").is_dir()
+    assert names(tmp_path / "a" / "b") == [".spool"]
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(OSError, match="mailbox root"):
         await Mailboxes(tmp_path / "file" / "root").open()
