@@ -18,7 +18,14 @@ import attrs
 _BACKLOG = 65536  # as the TCP listeners: the kernel caps it at net.core.somaxconn
 
 
-class SocketInUse(OSError):
+class UnixSocketError(OSError):
+    """A unix-domain socket cannot be listened on; its text names the path and says why."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class SocketInUse(UnixSocketError):
     """A server is listening on the path already."""
 
 
@@ -54,7 +61,7 @@ def bind_unix_socket(path: str | os.PathLike[str], mode: int | None = None) -> U
         try:
             sock.bind(path)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror or exc}") from exc
+            raise _cannot(path, exc) from exc
         try:
             if mode is not None:
                 os.chmod(path, mode)
@@ -68,13 +75,17 @@ def bind_unix_socket(path: str | os.PathLike[str], mode: int | None = None) -> U
     return UnixSocket(path, sock)
 
 
+def _cannot(path: str, error: OSError) -> UnixSocketError:
+    return UnixSocketError(error.errno, f"cannot listen on {path}: {error.strerror or error}")
+
+
 def _remove_stale(path: str) -> None:
     try:
         found = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(found.st_mode):
-        raise OSError(errno.EEXIST, f"cannot listen on {path}: it exists and is not a socket")
+        raise UnixSocketError(errno.EEXIST, f"cannot listen on {path}: not a socket, left alone")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
@@ -86,7 +97,7 @@ def _remove_stale(path: str) -> None:
     except (BlockingIOError, TimeoutError):  # a full backlog: somebody listens
         raise SocketInUse(errno.EADDRINUSE, f"a server is listening on {path} already") from None
     except OSError as exc:
-        raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror or exc}") from exc
+        raise _cannot(path, exc) from exc
     else:
         raise SocketInUse(errno.EADDRINUSE, f"a server is listening on {path} already")
     finally:
