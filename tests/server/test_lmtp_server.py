@@ -130,6 +130,19 @@ async def test_bdat_last_gets_one_reply_per_recipient_over_tcp() -> None:
     assert [r.code for r in replies] == [220, 250, 250, 250, 250, 550, 250, 221]
 
 
+async def test_the_log_line_shows_each_recipients_own_outcome(
+    sock_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="minismtp")
+    dialogue = (
+        b"LHLO mta.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<dev@lists.test>\r\n"
+        b"RCPT TO:<nobody@lists.test>\r\nDATA\r\n" + BODY + b".\r\nQUIT\r\n"
+    )
+    async with serve(list_app(), port=None, unix=sock_path, lmtp=True, config=CONFIG):
+        await anyio.to_thread.run_sync(exchange, sock_path, dialogue)
+    assert "to=<dev@lists.test>,<nobody@lists.test> outcomes=<nobody@lists.test>:550 " in caplog.text
+
+
 async def test_ehlo_is_refused_in_lmtp_mode(sock_path: Path) -> None:
     async with serve(App(), port=None, unix=sock_path, lmtp=True, config=CONFIG):
         replies = await anyio.to_thread.run_sync(
