@@ -30,7 +30,11 @@ from tests.helpers.backends import with_uvloop
 pytestmark = pytest.mark.anyio
 
 BODY = b"Subject: hi\r\n\r\nHello.\r\n"
-CONFIG = ServerConfig(shutdown_grace=1.0)
+
+
+def config() -> ServerConfig:
+    """Made per test: ServerConfig.inline follows MINISMTP_INLINE (tests/server/conftest.py)."""
+    return ServerConfig(shutdown_grace=1.0)
 
 
 @pytest.fixture(params=with_uvloop(), scope="module")
@@ -67,7 +71,7 @@ def exchange(path: Path, data: bytes) -> list[Reply]:
 
 async def test_smtplib_lmtp_over_a_unix_socket(sock_path: Path) -> None:
     app = App(hostname="lmtp.test")
-    async with serve(app, port=None, unix=sock_path, lmtp=True, config=CONFIG) as server:
+    async with serve(app, port=None, unix=sock_path, lmtp=True, config=config()) as server:
         assert server.addresses == [] and server.unix_paths == [str(sock_path)]
 
         def send() -> dict[str, tuple[int, bytes]]:
@@ -97,7 +101,7 @@ async def test_each_recipient_gets_its_reply_after_the_dot_rfc2033_4_2(sock_path
         b"RCPT TO:<x@elsewhere.test>\r\nRCPT TO:<dev@lists.test>\r\n"
         b"DATA\r\n" + BODY + b".\r\nQUIT\r\n"
     )
-    async with serve(app, port=None, unix=sock_path, lmtp=True, config=CONFIG):
+    async with serve(app, port=None, unix=sock_path, lmtp=True, config=config()):
         replies = await anyio.to_thread.run_sync(exchange, sock_path, dialogue)
     assert [(r.code, r.status) for r in replies] == [
         (220, None), (250, None), (250, "2.1.0"),
@@ -112,7 +116,7 @@ async def test_each_recipient_gets_its_reply_after_the_dot_rfc2033_4_2(sock_path
 async def test_bdat_last_gets_one_reply_per_recipient_over_tcp() -> None:
     """LMTP on a TCP port too; RFC 3030 chunks answered as the final dot is."""
     app = list_app()
-    async with serve(app, "127.0.0.1", 0, lmtp=True, config=CONFIG) as server:
+    async with serve(app, "127.0.0.1", 0, lmtp=True, config=config()) as server:
 
         def talk() -> list[Reply]:
             with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
@@ -138,13 +142,13 @@ async def test_the_log_line_shows_each_recipients_own_outcome(
         b"LHLO mta.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<dev@lists.test>\r\n"
         b"RCPT TO:<nobody@lists.test>\r\nDATA\r\n" + BODY + b".\r\nQUIT\r\n"
     )
-    async with serve(list_app(), port=None, unix=sock_path, lmtp=True, config=CONFIG):
+    async with serve(list_app(), port=None, unix=sock_path, lmtp=True, config=config()):
         await anyio.to_thread.run_sync(exchange, sock_path, dialogue)
     assert "to=<dev@lists.test>,<nobody@lists.test> outcomes=<nobody@lists.test>:550 " in caplog.text
 
 
 async def test_ehlo_is_refused_in_lmtp_mode(sock_path: Path) -> None:
-    async with serve(App(), port=None, unix=sock_path, lmtp=True, config=CONFIG):
+    async with serve(App(), port=None, unix=sock_path, lmtp=True, config=config()):
         replies = await anyio.to_thread.run_sync(
             exchange, sock_path, b"EHLO x\r\nHELO x\r\nLHLO x\r\nQUIT\r\n"
         )
@@ -155,7 +159,7 @@ async def test_ehlo_is_refused_in_lmtp_mode(sock_path: Path) -> None:
 async def test_smtp_and_lmtp_peers_in_the_log(sock_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The transaction's log line names the socket as the peer."""
     caplog.set_level(logging.INFO, logger="minismtp")
-    async with serve(App(), "127.0.0.1", 0, unix=sock_path, config=CONFIG) as server:
+    async with serve(App(), "127.0.0.1", 0, unix=sock_path, config=config()) as server:
         assert len(server.addresses) == 1 and server.unix_paths == [str(sock_path)]
         replies = await anyio.to_thread.run_sync(
             exchange,
@@ -167,7 +171,7 @@ async def test_smtp_and_lmtp_peers_in_the_log(sock_path: Path, caplog: pytest.Lo
 
 
 async def test_the_socket_gets_its_mode(sock_path: Path) -> None:
-    async with serve(App(), port=None, unix=sock_path, unix_mode=0o660, config=CONFIG):
+    async with serve(App(), port=None, unix=sock_path, unix_mode=0o660, config=config()):
         assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o660
 
 
@@ -175,15 +179,15 @@ async def test_a_stale_socket_file_is_replaced(sock_path: Path) -> None:
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     dead.bind(str(sock_path))
     dead.close()
-    async with serve(App(), port=None, unix=sock_path, config=CONFIG):
+    async with serve(App(), port=None, unix=sock_path, config=config()):
         replies = await anyio.to_thread.run_sync(exchange, sock_path, b"QUIT\r\n")
     assert [r.code for r in replies] == [220, 221]
 
 
 async def test_a_live_server_at_the_path_is_not_replaced(sock_path: Path) -> None:
-    async with serve(App(), port=None, unix=sock_path, config=CONFIG):
+    async with serve(App(), port=None, unix=sock_path, config=config()):
         with pytest.raises(SocketInUse):
-            async with serve(App(), port=None, unix=sock_path, config=CONFIG):
+            async with serve(App(), port=None, unix=sock_path, config=config()):
                 pass  # pragma: no cover
         replies = await anyio.to_thread.run_sync(exchange, sock_path, b"QUIT\r\n")
         assert [r.code for r in replies] == [220, 221]
