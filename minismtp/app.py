@@ -17,7 +17,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -43,7 +43,8 @@ from minismtp.ids import new_id
 from minismtp.message import Message
 from minismtp.metrics import Metrics
 from minismtp.middleware import Middleware, MiddlewareFactory, acts_on, next_for_each_event
-from minismtp.protocol import Limits
+from minismtp.outcomes import RecipientReplies, record_recipient_replies, still_accepted
+from minismtp.protocol import Limits, fold_replies
 from minismtp.received import received_header
 from minismtp.spool import Spool
 from minismtp.stores import Store, StoreUnavailable
@@ -68,7 +69,10 @@ HeloHook = Callable[[Session, str], HookResult]
 MailHook = Callable[[Transaction, Address], HookResult]
 RcptHook = Callable[[Transaction, Address], HookResult]
 DataChunkHook = Callable[[Transaction, Piece], HookResult]
-DataHook = Callable[[Transaction, Message], HookResult]
+DataHookResult = (
+    Reply | RecipientReplies | Awaitable[Reply | RecipientReplies | None] | None
+)
+DataHook = Callable[[Transaction, Message], DataHookResult]
 MessageHook = Callable[[Message], Awaitable[None] | None]
 LifespanHook = Callable[[], Awaitable[None] | None]
 
@@ -93,6 +97,19 @@ async def _resolve(result: Reply | Awaitable[Reply | None] | None) -> Reply | No
     if result is None or isinstance(result, Reply):
         return result
     raise TypeError(f"a hook must return None or a Reply, not {result!r}")
+
+
+async def _resolve_data(result: DataHookResult) -> Reply | RecipientReplies | None:
+    """What an ``on_data`` hook gave: a Reply, a mapping of recipients to Replies, or None."""
+    if isinstance(result, Reply):
+        return result
+    if inspect.isawaitable(result):
+        result = await result
+    if result is None or isinstance(result, Reply | Mapping):
+        return result
+    raise TypeError(
+        f"an on_data hook must return None, a Reply or {{recipient: Reply}}, not {result!r}"
+    )
 
 
 async def _call_lifespan_hooks(hooks: list[LifespanHook]) -> None:
@@ -190,6 +207,7 @@ class App:
     def hostname(self, hostname: str) -> None:
         self._hostname = hostname
         self._greeting = Reply(220, None, f"{hostname} ESMTP")
+        self._lmtp_greeting = Reply(220, None, f"{hostname} LMTP")
         self._helo_reply = Reply(250, None, hostname)
         self._ehlo_replies: dict[tuple[str, ...], Reply] = {}
 
@@ -253,6 +271,10 @@ class App:
         ``message`` is the :class:`~minismtp.message.Message` in its spool: ``headers``,
         ``open()``, ``chunks()``, ``data`` (which loads it). A Reply answers instead of the
         hand-over: a refusal, or a 2xx to accept and discard.
+
+        A mapping ``{recipient: Reply}`` (keys: the Address objects of ``transaction.rcpt_to``)
+        answers those recipients alone; the others go on to the next hook and the hand-over.
+        LMTP gives each recipient its reply; SMTP folds them (see :mod:`minismtp.outcomes`).
         """
         self._data_hooks.append(hook)
         return hook
@@ -338,7 +360,7 @@ class App:
             result = hook(event.session)
             if result is not None and (reply := await _resolve(result)) is not None:
                 return reply
-        return self._greeting
+        return self._lmtp_greeting if event.session.lmtp else self._greeting
 
     async def _on_helo(self, event: Helo) -> Reply:
         for hook in self._helo_hooks:
@@ -395,10 +417,14 @@ class App:
         except OSError as exc:
             logger.error("could not spool message %s: %s", message.id, exc)
             return INSUFFICIENT_STORAGE
+        transaction = event.transaction
         for hook in self._data_hooks:
-            result = hook(event.transaction, message)
-            if result is not None and (reply := await _resolve(result)) is not None:
-                return reply
+            result = hook(transaction, message)
+            if result is not None and (outcome := await _resolve_data(result)) is not None:
+                if isinstance(outcome, Reply):
+                    return outcome
+                if outcome:
+                    record_recipient_replies(transaction, outcome, hook)
         return await self._accept(event, message)
 
     async def _on_disconnect(self, event: Disconnect) -> Reply:
@@ -442,19 +468,29 @@ class App:
         return self.spool_dir, True
 
     async def _accept(self, event: Data, message: Message) -> Reply:
+        transaction = event.transaction
+        if transaction.recipient_replies and not _for_the_others(transaction, message):
+            return _every_recipient_refused(transaction)
         store = self.store
         try:
             if store is None:
                 self._send.send_nowait(message)  # the usual hand-over: no coroutine for it
             else:
-                await self._store(store, message)
+                answers = await store.put(message)
+                if answers:
+                    record_recipient_replies(transaction, answers, store)
+                    if not _for_the_others(transaction, message):
+                        return _every_recipient_refused(transaction)
+                self._notify(message)
         except StoreUnavailable as exc:
             logger.debug("message %s not stored: %s; answered 451", message.id, exc)
             return LOCAL_ERROR
         except (OSError, anyio.ClosedResourceError, anyio.BrokenResourceError):
             logger.exception("could not hand over message %s; answered 451", message.id)
             return LOCAL_ERROR
-        event.transaction.message_id = message.id
+        transaction.message_id = message.id
+        if transaction.recipient_replies and not event.session.lmtp:
+            _log_untold_refusals(message)
         if logger.isEnabledFor(logging.DEBUG):
             # DEBUG: the server logs one INFO line per transaction, with the reply and timing.
             logger.debug(
@@ -468,8 +504,8 @@ class App:
             )
         return queued_reply(message.id)
 
-    async def _store(self, store: Store, message: Message) -> None:
-        await store.put(message)
+    def _notify(self, message: Message) -> None:
+        """A stored message goes to the ``on_message`` consumers too, if there are any."""
         if self._message_hooks:
             try:
                 self._send.send_nowait(message)
@@ -572,6 +608,39 @@ class App:
                     break
                 except anyio.EndOfStream:
                     return
+
+
+def _for_the_others(transaction: Transaction, message: Message) -> bool:
+    """Point ``message`` at the recipients no outcome has refused, and record the outcomes on
+    it; False when there is nobody left to hand it over for."""
+    message.recipient_replies = transaction.recipient_replies
+    accepted = still_accepted(transaction)
+    if len(accepted) != len(message.rcpt_to):
+        params = dict(zip(transaction.rcpt_to, transaction.rcpt_params, strict=True))
+        message.rcpt_to = tuple(accepted)
+        message.rcpt_params = tuple(params[address] for address in accepted)
+    return bool(accepted)
+
+
+def _every_recipient_refused(transaction: Transaction) -> Reply:
+    """The reply when every recipient was refused after the data: their fold (in LMTP the
+    engine sends each its own, and this one goes nowhere)."""
+    outcomes = transaction.recipient_replies
+    return fold_replies(LOCAL_ERROR, [outcomes[address] for address in transaction.rcpt_to])
+
+
+def _log_untold_refusals(message: Message) -> None:
+    """SMTP has one reply per message: a recipient refused after the data, in a message taken
+    for others, is not told to the sender by us. Say so, loudly (see minismtp.outcomes)."""
+    refusals = {a: r for a, r in message.recipient_replies.items() if not 200 <= r.code < 300}
+    if refusals:
+        logger.warning(
+            "message %s accepted for %s; refused after the data, which SMTP cannot tell the "
+            "sender (a bounce is the receiver's to send): %s",
+            message.id,
+            ",".join(f"<{address}>" for address in message.rcpt_to),
+            "; ".join(f"<{address}> {reply}" for address, reply in refusals.items()),
+        )
 
 
 def default_app(maildir: str | os.PathLike[str] = "./maildir", hostname: str | None = None) -> App:

@@ -46,6 +46,7 @@ from minismtp.metrics import serve_metrics
 from minismtp.proxy import LOOPBACK, parse_networks
 from minismtp.server import ServableApp, Server, ServerConfig, serve
 from minismtp.tls import TLSConfig, TLSLoadError
+from minismtp.unix import UnixSocket, bind_unix_socket
 from minismtp.workers import (
     READY,
     Supervisor,
@@ -57,6 +58,7 @@ from minismtp.workers import (
 
 log = logging.getLogger("minismtp.cli")
 
+DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 2525  # unprivileged; an MX listens on 25 (--port 25)
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 LOOPS = ("auto", "asyncio", "uvloop", "trio")
@@ -168,6 +170,26 @@ def _nameserver(text: str) -> tuple[str, int]:
     return host, port
 
 
+def _file_mode(text: str) -> int:
+    """An argparse ``type``: permissions in octal (``0660``), without the special bits."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"not an octal file mode: {text!r} (e.g. 0660)")
+    return mode
+
+
+def _resolve_tcp(args: argparse.Namespace) -> None:
+    """The TCP address to listen on: none with --unix alone (``args.port`` None)."""
+    unix_only = args.unix is not None and args.host is None and args.port is None
+    if args.host is None:
+        args.host = DEFAULT_HOST
+    if args.port is None and not unix_only:
+        args.port = DEFAULT_PORT
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="minismtp",
@@ -198,14 +220,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="APP names a function that takes no arguments and returns the App",
     )
     net = run.add_argument_group("listening")
-    net.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
-    )
+    net.add_argument("--host", help=f"address to listen on (default: {DEFAULT_HOST})")
     net.add_argument(
         "--port",
         type=_port,
-        default=DEFAULT_PORT,
-        help="port to listen on; 0 picks a free one (default: %(default)s)",
+        help=f"port to listen on; 0 picks a free one (default: {DEFAULT_PORT})",
+    )
+    net.add_argument(
+        "--unix",
+        metavar="PATH",
+        help="listen on a unix-domain socket at PATH: instead of TCP, or beside it when "
+        "--host or --port is given too; a stale socket file is replaced",
+    )
+    net.add_argument(
+        "--unix-mode",
+        type=_file_mode,
+        metavar="MODE",
+        help="permissions of the --unix socket, in octal, e.g. 0660 (default: the umask's)",
+    )
+    net.add_argument(
+        "--lmtp",
+        action="store_true",
+        help="speak LMTP (RFC 2033) instead of SMTP: LHLO, and a reply per recipient after "
+        "the data (the last hop, behind Postfix's lmtp:unix:PATH)",
     )
     net.add_argument(
         "--hostname",
@@ -537,6 +574,8 @@ def _load(args: argparse.Namespace) -> tuple[ServableApp, TLSConfig | None]:
     _configure_app(app, args)
     if args.proxy_trusted is not None and not args.proxy_protocol:
         raise UsageError("--proxy-trusted needs --proxy-protocol")
+    if args.unix_mode is not None and args.unix is None:
+        raise UsageError("--unix-mode needs --unix")
     if args.workers > 1 and sys.platform == "win32":
         raise UsageError("--workers needs a POSIX system")
     if args.tls_cert is None:
@@ -572,6 +611,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         proxy_protocol=args.proxy_protocol,
         proxy_trusted=trusted,
         proxy_timeout=args.proxy_timeout,
+        lmtp=args.lmtp,
     )
 
 
@@ -586,10 +626,14 @@ class Listeners:
     tls: list[socket.socket] = attrs.field(factory=list)
     #: The metrics endpoint's sockets, one list per worker (one list without --workers).
     metrics: list[list[socket.socket]] = attrs.field(factory=list)
+    #: The --unix socket this process bound (also in ``plain``): its file goes at the end.
+    unix: UnixSocket | None = None
 
     def close(self) -> None:
         for sock in (*self.plain, *self.tls, *(s for each in self.metrics for s in each)):
             sock.close()
+        if self.unix is not None:
+            self.unix.close()
 
 
 _WILDCARDS = {"", "0.0.0.0", "::", None}
@@ -597,7 +641,9 @@ _WILDCARDS = {"", "0.0.0.0", "::", None}
 
 def _check_ports(args: argparse.Namespace) -> None:
     """Two listeners of ours on one port: said before binding, naming both options."""
-    wanted: list[tuple[str, str | None, int]] = [("--port", args.host, args.port)]
+    wanted: list[tuple[str, str | None, int]] = []
+    if args.port is not None:
+        wanted.append(("--port", args.host, args.port))
     if args.tls_port is not None:
         wanted.append(("--tls-port", args.host, args.tls_port))
     if args.metrics_port is not None:
@@ -647,7 +693,14 @@ def _bind_all(args: argparse.Namespace) -> Listeners:
     _check_ports(args)
     listeners = Listeners()
     try:
-        listeners.plain = _bind("--port", "--host", args.host, args.port)
+        if args.port is not None:
+            listeners.plain = _bind("--port", "--host", args.host, args.port)
+        if args.unix is not None:
+            try:
+                listeners.unix = bind_unix_socket(args.unix, args.unix_mode)
+            except OSError as exc:
+                raise UsageError(str(exc)) from exc
+            listeners.plain.append(listeners.unix.socket)
         if args.tls_port is not None:
             listeners.tls = _bind("--tls-port", "--host", args.host, args.tls_port)
         if args.metrics_port is not None:
@@ -686,9 +739,16 @@ def _metrics_url(sockets: Sequence[socket.socket]) -> str:
     return f"http://{_format_address(_address(sockets[0]))}/metrics"
 
 
+def _label(args: argparse.Namespace, loop_name: str) -> str:
+    return f"LMTP, {loop_name}" if args.lmtp else loop_name
+
+
 def _announce(listeners: Listeners, loop: str) -> None:
     for sock in listeners.plain:
-        print(f"minismtp listening on {_format_address(_address(sock))} ({loop})")
+        if sock.family == socket.AF_UNIX:
+            print(f"minismtp listening on unix:{sock.getsockname()} ({loop})")
+        else:
+            print(f"minismtp listening on {_format_address(_address(sock))} ({loop})")
     for sock in listeners.tls:
         print(f"minismtp listening on {_format_address(_address(sock))} with implicit TLS ({loop})")
     if len(listeners.metrics) == 1:
@@ -737,7 +797,7 @@ async def _serve(
                     report_status(args.status_fd, READY)
                     log.info("worker %d (pid %d) serving", args.worker_index, os.getpid())
                 else:
-                    _announce(listeners, loop_name)
+                    _announce(listeners, _label(args, loop_name))
                 async for signum in signals:
                     if signum in stop_signals:
                         log.info("%s: shutting down", signal.Signals(signum).name)
@@ -804,7 +864,7 @@ def _supervise(
     argv: Sequence[str], args: argparse.Namespace, loop_name: str, listeners: Listeners
 ) -> int:
     """The parent of ``--workers N``: bound already; start the workers, keep them running."""
-    _announce(listeners, f"{loop_name}, {args.workers} workers")
+    _announce(listeners, _label(args, f"{loop_name}, {args.workers} workers"))
     plain_fds = [sock.fileno() for sock in listeners.plain]
     tls_fds = [sock.fileno() for sock in listeners.tls]
     metrics_fds = [[sock.fileno() for sock in sockets] for sockets in listeners.metrics]
@@ -845,6 +905,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "run":
+        _resolve_tcp(args)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

@@ -42,6 +42,8 @@ class ServerConfig:
     proxy_protocol: bool = False
     proxy_trusted: tuple[IPNetwork, ...] = LOOPBACK
     proxy_timeout: float = 5.0  # a proxy sends its header at once
+    # LMTP (RFC 2033) instead of SMTP: LHLO, and one reply per recipient after the data.
+    lmtp: bool = False
 
 
 __all__ = ["ServerConfig"]

@@ -128,9 +128,16 @@ class Connection:
     ) -> Connection:
         """A connection from ``peer`` to ``local``, with a new session and engine."""
         app = host.app
+        if not peer[0]:
+            # A unix-domain socket's client has no address: the socket stands for it.
+            peer = local
         session = Session(id=new_id(), hostname=app.hostname, peer=peer, local=local)
         engine = Engine(
-            session, app.limits, tls_available=host.tls is not None, require_tls=host.require_tls
+            session,
+            app.limits,
+            tls_available=host.tls is not None,
+            require_tls=host.require_tls,
+            lmtp=host.config.lmtp,
         )
         return cls(host, wire, engine, **options)
 

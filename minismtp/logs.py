@@ -61,7 +61,9 @@ def transaction_line(session: Session, transaction: Transaction, duration: float
 
     ``session <id> from <peer> helo=<name> from=<sender> to=<recipients> size=<octets>
     reply=<code> id=<message id> duration=<seconds>s``, with ``refused=<address>:<code>,...``
-    after ``to=`` for each recipient refused, and ``reason="<status> <text>"`` after
+    after ``to=`` for each recipient refused, ``outcomes=<address>:<code>,...`` for each
+    answered on its own after the data (``transaction.recipient_replies``), and
+    ``reason="<status> <text>"`` after
     ``reply=`` when the content was refused. ``size`` of a refused message is what it had
     reached when it was refused.
     """
@@ -75,6 +77,12 @@ def transaction_line(session: Session, transaction: Transaction, duration: float
     if refused:
         line += " refused=" + ",".join(
             [f"<{field(str(address))}>:{reply.code}" for address, reply in refused]
+        )
+    outcomes = transaction.recipient_replies
+    if outcomes:
+        # Answered on their own after the data: in LMTP each got its reply, SMTP folded them.
+        line += " outcomes=" + ",".join(
+            [f"<{field(str(address))}>:{reply.code}" for address, reply in outcomes.items()]
         )
     line += f" size={transaction.size} reply={code if code is not None else 'abandoned'}"
     if transaction.refusal is not None:

@@ -24,9 +24,9 @@ import email.policy
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import BinaryIO
 
 import anyio.to_thread
@@ -34,7 +34,7 @@ import attrs
 
 from minismtp.ids import new_id
 from minismtp.spool import Piece, Spool
-from minismtp.types import Address, TLSInfo
+from minismtp.types import Address, Reply, TLSInfo
 
 __all__ = ["Message"]
 
@@ -43,6 +43,7 @@ MAX_HEADER_SECTION = 1024 * 1024
 CHUNK_SIZE = 256 * 1024
 _FIELD_START = re.compile(rb"\r\n(?![ \t])")  # a line that does not continue a folded field
 _HEADER_FIELD = re.compile(r"[!-9;-~]+")  # RFC 5322 2.2 field-name
+_NO_REPLIES: Mapping[Address, Reply] = MappingProxyType({})  # shared: most messages have none
 
 
 @attrs.define(eq=False)
@@ -74,6 +75,10 @@ class Message:
     # Edits not yet written into the spool (most messages have none: no list, no set for them).
     _prepended: tuple[bytes, ...] = attrs.field(default=(), init=False, repr=False)
     _dropped: frozenset[tuple[int, int]] = attrs.field(default=frozenset(), init=False, repr=False)
+    #: Recipients whose outcome differs from the message's, by Address: those refused after
+    #: the data (``rcpt_to`` then holds only the others), or answered with a Reply of their
+    #: own. In SMTP the sender was told ``250`` for all: a refusal here is yours to report.
+    recipient_replies: Mapping[Address, Reply] = attrs.field(default=_NO_REPLIES, init=False)
 
     # -- building -------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""The sans-I/O SMTP engine: bytes in, events out, replies to bytes (RFC 5321 and extensions).
+"""The sans-I/O SMTP and LMTP engine: bytes in, events out, replies to bytes (RFC 5321, RFC 2033
+and extensions).
 
 Like h11, the engine does no I/O. The caller feeds it what the client sent with
 :meth:`Engine.receive_data`, asks :meth:`Engine.next_event` what to do next, answers the
@@ -12,6 +13,11 @@ most :data:`MAX_CHUNK` octets, then asks about the whole message with ``Data``. 
 chunk refuses the content: the rest is read and dropped, and the refusal answers the end of
 data. Every transaction ends in :meth:`Engine._reset_transaction`, which also closes the
 message spooled for it unless the App handed it over.
+
+In LMTP mode (RFC 2033) the client greets with LHLO, and the end of the content is answered
+once per accepted RCPT, in RCPT order, each recipient with its own outcome: the App records
+the outcomes that differ from its reply in ``transaction.recipient_replies``. In SMTP mode the
+same record is folded into the one reply SMTP allows (:func:`fold_replies`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import enum
 import functools
 import re
+from collections.abc import Iterable
 
 import attrs
 
@@ -32,7 +39,7 @@ from minismtp.paths import (
     check_rcpt_params,
     parse_path_and_params,
 )
-from minismtp.types import Reply, Session, TLSInfo, Transaction
+from minismtp.types import Address, Reply, Session, TLSInfo, Transaction
 
 
 @attrs.frozen
@@ -120,6 +127,13 @@ NEED_HELO = _r(503, "5.5.1", "Error: send HELO/EHLO first")
 NESTED_MAIL = _r(503, "5.5.1", "Error: nested MAIL command")
 NEED_MAIL = _r(503, "5.5.1", "Error: need MAIL command")
 NEED_RCPT = _r(554, "5.5.1", "Error: no valid recipients")
+# RFC 2033 4.2: in LMTP, DATA without a successful RCPT MUST fail with 503.
+LMTP_NEED_RCPT = _r(503, "5.5.1", "Error: no valid recipients")
+LMTP_NEED_LHLO = _r(503, "5.5.1", "Error: send LHLO first")
+LMTP_LHLO_SYNTAX = _r(501, "5.5.4", "Syntax: LHLO domain")
+# RFC 2033 4.1: an LMTP server does not answer HELO or EHLO as SMTP would.
+LMTP_NOT_SMTP = _r(500, "5.5.1", "Error: this is an LMTP server, send LHLO")
+DUPLICATE_RECIPIENT = _r(250, "2.1.5", "OK (duplicate recipient)")
 DATA_AFTER_BDAT = _r(503, "5.5.1", "Error: DATA not allowed after BDAT")
 TLS_ACTIVE = _r(503, "5.5.1", "Error: TLS already active")
 TLS_UNAVAILABLE = _r(502, "5.5.1", "Error: STARTTLS not available")
@@ -136,6 +150,31 @@ _HEADER_NAME = re.compile(rb"[A-Za-z][A-Za-z0-9-]*:")
 _CR, _LF = ord("\r"), ord("\n")
 
 
+def fold_replies(reply: Reply, outcomes: Iterable[Reply]) -> Reply:
+    """The one SMTP reply for a message whose recipients had ``outcomes`` (``reply``: the
+    App's own answer, used when it fits).
+
+    All accepted: ``reply`` (or the first success). Some accepted, some refused: a success,
+    since the message was taken for the others: the refusals are the receiver's to report
+    (RFC 5321 3.6.3 lets it accept and send a bounce later). None accepted: the refusal, a
+    transient one first, so that a sender retries rather than gives up on recipients that
+    may yet be delivered.
+    """
+    accepted: Reply | None = None
+    transient: Reply | None = None
+    permanent: Reply | None = None
+    for outcome in outcomes:
+        if 200 <= outcome.code < 300:
+            accepted = accepted or outcome
+        elif outcome.code < 500:
+            transient = transient or outcome
+        else:
+            permanent = permanent or outcome
+    if accepted is not None:
+        return reply if 200 <= reply.code < 300 else accepted
+    return transient or permanent or reply
+
+
 def _reply_with_status(reply: Reply) -> bytes:
     """Give an App reply the class-level enhanced status code it lacks (RFC 3463)."""
     if reply.status is None and reply.code >= 250:
@@ -145,7 +184,8 @@ def _reply_with_status(reply: Reply) -> bytes:
 
 @functools.lru_cache(maxsize=16)
 def ehlo_keywords(max_size: int, offer_tls: bool) -> tuple[str, ...]:
-    """The extensions the engine honours, as EHLO keyword lines."""
+    """The extensions the engine honours, as EHLO (and LHLO) keyword lines; PIPELINING and
+    ENHANCEDSTATUSCODES are always among them, as RFC 2033 4.1 wants of LMTP."""
     keywords = [
         "PIPELINING",
         f"SIZE {max_size}",
@@ -161,7 +201,8 @@ def ehlo_keywords(max_size: int, offer_tls: bool) -> tuple[str, ...]:
 
 
 class Engine:
-    """One SMTP session, server side. See the module docstring for the driving loop."""
+    """One SMTP (or, with ``lmtp``, LMTP) session, server side. See the module docstring for
+    the driving loop."""
 
     def __init__(
         self,
@@ -170,11 +211,14 @@ class Engine:
         *,
         tls_available: bool = False,
         require_tls: bool = False,
+        lmtp: bool = False,
     ) -> None:
         self.session = session
         self.limits = limits or Limits()
         self.tls_available = tls_available
         self.require_tls = require_tls
+        self.lmtp = lmtp
+        session.lmtp = lmtp
         self.transaction: Transaction | None = None
         #: Transactions ended since the caller last emptied this list (for logs and metrics),
         #: each with its ``reply_code``: the final reply, or None if it was abandoned.
@@ -198,6 +242,9 @@ class Engine:
         self._chunks = 0
         self._incoming: list[bytes] = []  # reads not yet looked at, while in DATA
         self._chunking = False  # this transaction has used BDAT
+        # LMTP: each RCPT answered 2xx, duplicates too (the address as first accepted), in
+        # RCPT order: each is owed a reply at the end of the content (RFC 2033 4.2).
+        self._lmtp_recipients: list[Address] = []
 
     # -- the caller's side ------------------------------------------------------------------
 
@@ -284,6 +331,8 @@ class Engine:
             if accepted:
                 event.transaction.rcpt_to.append(event.address)
                 event.transaction.rcpt_params.append(event.params)
+                if self.lmtp:
+                    self._lmtp_recipients.append(event.address)
             else:
                 transaction = event.transaction
                 if transaction.refused_rcpts is None:
@@ -294,7 +343,10 @@ class Engine:
             if accepted:
                 self.transaction = event.transaction
         elif isinstance(event, Data):
-            self._out.append(_reply_with_status(reply))
+            if self.lmtp or event.transaction.recipient_replies:
+                accepted = self._answer_recipients(event.transaction, reply)
+            else:
+                self._out.append(_reply_with_status(reply))
             if accepted:
                 self.session.transactions += 1
                 self._junk = 0
@@ -331,6 +383,39 @@ class Engine:
         self._reset_transaction()
         self._state = _State.CLOSED
         self._pending = None
+
+    def _answer_recipients(self, transaction: Transaction, reply: Reply) -> bool:
+        """Answer the end of the content with the recipients' outcomes: one reply per accepted
+        RCPT in LMTP (RFC 2033 4.2), their fold in SMTP. True: some recipient was accepted."""
+        outcomes = transaction.recipient_replies
+        if not self.lmtp:
+            folded = fold_replies(reply, [outcomes.get(a, reply) for a in transaction.rcpt_to])
+            self._out.append(_reply_with_status(folded))
+            return 200 <= folded.code < 300
+        default = _reply_with_status(reply)
+        recipients = self._lmtp_recipients
+        if not outcomes:
+            self._out.extend([default] * len(recipients))
+            return 200 <= reply.code < 300
+        accepted = False
+        for address in recipients:
+            outcome = outcomes.get(address)
+            if outcome is None:
+                self._out.append(default)
+                accepted = accepted or 200 <= reply.code < 300
+            else:
+                self._out.append(_reply_with_status(outcome))
+                accepted = accepted or 200 <= outcome.code < 300
+        return accepted
+
+    def _answer_content_failure(self, reply: bytes) -> None:
+        """The engine refused the content (size, line length, bare line ends): in LMTP every
+        accepted RCPT is owed that reply at the end of the content (RFC 2033 4.2), in SMTP the
+        message is; a BDAT chunk that is not the last is owed one reply whatever the mode."""
+        reader = self._content
+        ending = not isinstance(reader, ChunkReader) or reader.last
+        owed = len(self._lmtp_recipients) if self.lmtp and ending else 1
+        self._out.extend([reply] * max(owed, 1))
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -415,6 +500,8 @@ class Engine:
         self._chunking = False
         self._content = None
         self._chunks = 0
+        if self._lmtp_recipients:
+            self._lmtp_recipients = []
 
     def _text(self, arg: bytes) -> str | None:
         try:
@@ -425,22 +512,32 @@ class Engine:
     def _helo(self, arg: bytes, esmtp: bool) -> Event | Closed | None:
         name = self._text(arg.strip(b" "))
         if not name:
-            return self._error(HELO_SYNTAX)
+            return self._error(LMTP_LHLO_SYNTAX if self.lmtp else HELO_SYNTAX)
         keywords = ehlo_keywords(
             self.limits.max_message_size, self.tls_available and self.session.tls is None
         )
         return Helo(self.session, name, esmtp, keywords if esmtp else ())
 
     def _cmd_helo(self, arg: bytes) -> Event | Closed | None:
+        if self.lmtp:
+            return self._error(LMTP_NOT_SMTP)
         return self._helo(arg, esmtp=False)
 
     def _cmd_ehlo(self, arg: bytes) -> Event | Closed | None:
+        if self.lmtp:
+            return self._error(LMTP_NOT_SMTP)
+        return self._helo(arg, esmtp=True)
+
+    def _cmd_lhlo(self, arg: bytes) -> Event | Closed | None:
+        """RFC 2033 4.1: LMTP's greeting, EHLO's in all but name (a Helo event, ``esmtp``)."""
+        if not self.lmtp:
+            return self._error(UNRECOGNIZED)
         return self._helo(arg, esmtp=True)
 
     def _cmd_mail(self, arg: bytes) -> Event | Closed | None:
         session = self.session
         if session.helo_name is None:
-            return self._error(NEED_HELO)
+            return self._error(LMTP_NEED_LHLO if self.lmtp else NEED_HELO)
         if self.transaction is not None:
             return self._error(NESTED_MAIL)
         if self.require_tls and session.tls is None:
@@ -501,11 +598,17 @@ class Engine:
                 return self._error(NEED_SMTPUTF8)
             return self._error(RCPT_SYNTAX if text[:3].upper() != "TO:" else BAD_RECIPIENT)
         address = command.address
-        key = (address.local_part, address.domain.lower())
         recipients = transaction.rcpt_to
-        if recipients and any((a.local_part, a.domain.lower()) == key for a in recipients):
-            self._reply(_r(250, "2.1.5", "OK (duplicate recipient)"))
-            return None
+        if recipients:
+            key = (address.local_part, address.domain.lower())
+            for earlier in recipients:
+                if (earlier.local_part, earlier.domain.lower()) == key:
+                    # Delivered once; in LMTP still owed its own reply after the content
+                    # (RFC 2033 4.2: one per RCPT that succeeded).
+                    if self.lmtp:
+                        self._lmtp_recipients.append(earlier)
+                    self._reply(DUPLICATE_RECIPIENT)
+                    return None
         if len(transaction.rcpt_to) >= self.limits.max_recipients:
             self._reply(TOO_MANY_RECIPIENTS)
             return None
@@ -520,7 +623,7 @@ class Engine:
         if self._chunking:
             return self._error(DATA_AFTER_BDAT)
         if not transaction.rcpt_to:
-            return self._error(NEED_RCPT)
+            return self._error(LMTP_NEED_RCPT if self.lmtp else NEED_RCPT)
         self._reply(DATA_GO_AHEAD)
         limits = self.limits
         self._content = DotReader(
@@ -568,7 +671,8 @@ class Engine:
         return self._junk_command(EXPN_REPLY)
 
     def _cmd_help(self, arg: bytes) -> Event | Closed | None:
-        verbs = "HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP"
+        greetings = "LHLO" if self.lmtp else "HELO EHLO"
+        verbs = f"{greetings} MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP"
         if self.tls_available and self.session.tls is None:
             verbs += " STARTTLS"
         return self._junk_command(_r(214, "2.0.0", f"Commands: {verbs}"))
@@ -639,7 +743,7 @@ class Engine:
         if failure is NEED_MAIL or failure is NEED_RCPT:
             self._state = _COMMAND
             self._content = None
-            return self._error(failure)
+            return self._error(LMTP_NEED_RCPT if failure is NEED_RCPT and self.lmtp else failure)
         if reader.last or failure is not None:  # a failed chunk fails the transaction too
             self._state = _ENDING
             return None
@@ -681,7 +785,7 @@ class Engine:
             if transaction is not None:
                 transaction.size = reader.size  # for the log: how far it got
                 transaction.refusal = failure[4:].decode("ascii", "replace").rstrip()
-            self._reply(failure)
+            self._answer_content_failure(failure)
             self._reset_transaction(int(failure[:3]))
             return None
         transaction.size = reader.size
@@ -707,6 +811,7 @@ class Engine:
 _COMMANDS = {
     b"HELO": Engine._cmd_helo,
     b"EHLO": Engine._cmd_ehlo,
+    b"LHLO": Engine._cmd_lhlo,
     b"MAIL": Engine._cmd_mail,
     b"RCPT": Engine._cmd_rcpt,
     b"DATA": Engine._cmd_data,

@@ -23,6 +23,8 @@ from minismtp.types import Session, Transaction
 # the UTF-8 of RFC 6531). Anything else -- spaces, parentheses, semicolons -- would break the
 # header's syntax, so such a name is written as "unknown".
 _HELO_TOKEN = re.compile(r"[A-Za-z0-9.\-_:\[\]\u0080-\U0010ffff]+")
+# What a socket path may show of itself in a comment: no parentheses, backslash or controls.
+_UNSAFE_IN_COMMENT = re.compile(r"[^A-Za-z0-9._/+=,:@~-]")
 
 
 @functools.lru_cache(maxsize=4096)  # peers come back; parsing an address costs 3 µs
@@ -63,9 +65,10 @@ def rfc5322_date(when: float) -> str:
 
 
 def with_protocol(session: Session, transaction: Transaction) -> str:
-    """The ``with`` word: SMTP, ESMTP, ESMTPS (RFC 3848) or UTF8SMTP(S) (RFC 6531 3.7.3)."""
+    """The ``with`` word: SMTP, ESMTP, ESMTPS, LMTP, LMTPS (RFC 3848) or UTF8SMTP(S),
+    UTF8LMTP(S) (RFC 6531 3.7.3)."""
     if transaction.smtputf8 and session.esmtp:
-        return "UTF8SMTPS" if session.tls else "UTF8SMTP"
+        return f"UTF8{session.protocol.removeprefix('E')}"
     return session.protocol
 
 
@@ -91,5 +94,12 @@ def received_header(
 def _from_by_with(helo: str | None, peer_host: str, by: str, protocol: str) -> str:
     from_domain = helo if helo and _HELO_TOKEN.fullmatch(helo) else "unknown"
     literal = address_literal(peer_host)
-    tcp_info = f" ({literal})" if literal else ""
+    if literal:
+        tcp_info = f" ({literal})"
+    elif peer_host.startswith("/"):
+        # A unix-domain socket has no client address: the socket's path stands for it, in a
+        # comment (RFC 5322 3.2.2), written as Postfix names such a socket.
+        tcp_info = f" (unix:{_UNSAFE_IN_COMMENT.sub('?', peer_host)})"
+    else:
+        tcp_info = ""
     return f"Received: from {from_domain}{tcp_info}\r\n\tby {by} with {protocol}"

@@ -52,6 +52,7 @@ from minismtp.metrics import Metrics
 from minismtp.replies import SHUTTING_DOWN
 from minismtp.tls import TLSConfig
 from minismtp.types import Message
+from minismtp.unix import UnixSocket, bind_unix_socket
 from minismtp.wires import StartSession, Wire, accept_streams, peer_address
 
 if sys.version_info < (3, 11):
@@ -78,6 +79,8 @@ class Server:
     metrics: Metrics = attrs.field(factory=Metrics)
     addresses: list[tuple[str, int]] = attrs.field(factory=list)
     tls_addresses: list[tuple[str, int]] = attrs.field(factory=list)
+    #: The unix-domain sockets listened on, by path.
+    unix_paths: list[str] = attrs.field(factory=list)
     _listeners: list[tuple[SocketListener, bool]] = attrs.field(factory=list)
     _connections: set[Connection] = attrs.field(factory=set)
     _active: int = 0  # accepted and not yet closed, TLS handshakes included
@@ -280,7 +283,7 @@ async def _bind(
 async def serve(
     app: ServableApp,
     host: str | None = "127.0.0.1",
-    port: int = 25,
+    port: int | None = 25,
     *,
     tls: TLSConfig | None = None,
     tls_port: int | None = None,
@@ -289,6 +292,9 @@ async def serve(
     metrics: Metrics | None = None,
     sockets: Sequence[socket.socket] = (),
     tls_sockets: Sequence[socket.socket] = (),
+    unix: str | os.PathLike[str] | None = None,
+    unix_mode: int | None = None,
+    lmtp: bool = False,
 ) -> AsyncIterator[Server]:
     """Serve ``app`` on ``host:port`` (and implicit TLS on ``tls_port``) for the ``with`` block.
 
@@ -296,11 +302,20 @@ async def serve(
     with :class:`OSError`). Leaving the block stops the server gracefully unless
     :meth:`Server.stop` already did; leaving it with an exception stops it at once.
 
+    ``unix`` also listens on a unix-domain socket at that path (``port=None``: on it alone),
+    with the permissions ``unix_mode``; a stale socket file is replaced, one a live server
+    listens on raises :class:`~minismtp.unix.SocketInUse`, and the file goes when the server
+    stops. ``lmtp`` serves LMTP (RFC 2033) instead of SMTP (``ServerConfig.lmtp``).
+
     ``sockets`` and ``tls_sockets`` are listening sockets bound already (a worker process
-    inherits them from ``minismtp run --workers``); with them, ``port`` and ``tls_port`` are
-    not bound. The counters go to ``metrics``, by default the App's own (``app.metrics``) if
-    it has one.
+    inherits them from ``minismtp run --workers``; unix-domain ones too); with them, ``port``,
+    ``tls_port`` and ``unix`` are not bound. The counters go to ``metrics``, by default the
+    App's own (``app.metrics``) if it has one.
     """
+    if lmtp:
+        config = attrs.evolve(config or ServerConfig(), lmtp=True)
+    if port is None and unix is None and not sockets:
+        raise ValueError("nothing to listen on: give a port, a unix socket path, or sockets")
     if (tls_port is not None or tls_sockets) and tls is None:
         raise ValueError("implicit TLS (tls_port) needs a certificate")
     if require_tls and tls is None:
@@ -310,6 +325,7 @@ async def serve(
     if not isinstance(metrics, Metrics):
         metrics = Metrics()
     server = Server(app, config or ServerConfig(), tls, require_tls, metrics)
+    bound_unix: UnixSocket | None = None
     try:
         if sockets:
             for sock in sockets:
@@ -317,10 +333,18 @@ async def serve(
             for sock in tls_sockets:
                 server._listeners.append((await SocketListener.from_socket(sock), True))
         else:
-            server._listeners += await _bind(host, port, False)
+            if port is not None:
+                server._listeners += await _bind(host, port, False)
             if tls_port is not None:
                 server._listeners += await _bind(host, tls_port, True)
+            if unix is not None:
+                bound_unix = await anyio.to_thread.run_sync(bind_unix_socket, unix, unix_mode)
+                listener = await SocketListener.from_socket(bound_unix.socket)
+                server._listeners.append((listener, False))
         for listener, implicit_tls in server._listeners:
+            if listener.extra(SocketAttribute.family) == socket.AF_UNIX:
+                server.unix_paths.append(str(listener.extra(SocketAttribute.local_address)))
+                continue
             address = peer_address(listener.extra(SocketAttribute.local_address))
             (server.tls_addresses if implicit_tls else server.addresses).append(address)
         on_asyncio = _running_asyncio()  # the one place the loop is looked at
@@ -350,6 +374,8 @@ async def serve(
         with anyio.CancelScope(shield=True):
             for listener, _ in server._listeners:
                 await listener.aclose()
+        if bound_unix is not None:
+            bound_unix.close()  # the socket file goes with the server that made it
 
 
 def _running_asyncio() -> bool:
@@ -379,6 +405,7 @@ class SmtpServer:
     read, ``certs_path``/``key_path`` a PEM certificate (chain) and key for STARTTLS. Without
     an ``app``, a plain :class:`~minismtp.app.App` named ``domain`` accepts everything and
     puts each message on ``listening.mail_rx``; an App given keeps its own hostname.
+    ``lmtp=True`` serves LMTP instead (RFC 2033: LHLO, a reply per recipient after the data).
     """
 
     host: str
@@ -389,6 +416,7 @@ class SmtpServer:
     certs_path: str | os.PathLike[str] | None = None
     key_path: str | os.PathLike[str] | None = None
     app: ServableApp | None = None
+    lmtp: bool = False  # LMTP (RFC 2033) instead of SMTP
     _running: AbstractAsyncContextManager[Server] | None = attrs.field(default=None, init=False)
 
     def start(self) -> AbstractAsyncContextManager[Server]:
@@ -399,7 +427,7 @@ class SmtpServer:
         )
         tls = TLSConfig(self.certs_path, self.key_path) if self.certs_path is not None else None
         app = self.app if self.app is not None else App(hostname=self.domain)
-        return serve(app, self.host, self.port, tls=tls, config=config)
+        return serve(app, self.host, self.port, tls=tls, config=config, lmtp=self.lmtp)
 
     async def __aenter__(self) -> Server:
         self._running = self.start()

@@ -215,7 +215,9 @@ class TestClient:
 
     ``peer`` is the client address the App sees. ``tls`` offers STARTTLS, which then
     "succeeds" at once, recording :data:`TEST_TLS` on the session. Every message the App
-    accepts in this client's sessions is appended to :attr:`messages`.
+    accepts in this client's sessions is appended to :attr:`messages`. ``lmtp``: the sessions
+    are LMTP (RFC 2033): greet with :meth:`lhlo`; after the data come one reply per accepted
+    recipient (:meth:`data_replies`, :meth:`send_message`).
 
     Each session is served by the server's own connection driver
     (:class:`~minismtp.connection.Connection`) over a :class:`MemoryWire`, run in the test's
@@ -228,6 +230,7 @@ class TestClient:
     raise_server_exceptions: bool = True
     peer: tuple[str, int] = ("127.0.0.1", 54321)
     tls: bool = False
+    lmtp: bool = False
     #: The messages the App accepted from this client, in order.
     messages: list[Message] = attrs.field(factory=list, init=False)
     #: The greeting of the current session, once connected.
@@ -280,7 +283,11 @@ class TestClient:
         if self.connected:
             raise RuntimeError("already connected")
         self._wire = wire = MemoryWire()
-        host = _Host(_Answers(self), tls=TEST_TLS if self.tls else None)
+        host = _Host(
+            _Answers(self),
+            tls=TEST_TLS if self.tls else None,
+            config=ServerConfig(lmtp=self.lmtp),
+        )
         connection = Connection.new(host, wire, self.peer, ("127.0.0.1", 25), hold_greeting=False)
         self._connection = connection
         self._driver = self._serve(connection)
@@ -355,6 +362,10 @@ class TestClient:
     async def ehlo(self, name: str = "localhost") -> Reply:
         return await self.command(f"EHLO {name}")
 
+    async def lhlo(self, name: str = "localhost") -> Reply:
+        """LMTP's greeting (RFC 2033 4.1), for a client made with ``lmtp=True``."""
+        return await self.command(f"LHLO {name}")
+
     async def helo(self, name: str = "localhost") -> Reply:
         return await self.command(f"HELO {name}")
 
@@ -369,18 +380,24 @@ class TestClient:
         return await self.command(" ".join((f"RCPT TO:{_path(address)}", *params)))
 
     async def data(self, content: bytes) -> Reply:
-        """DATA, then ``content`` dot-stuffed and terminated; the final reply.
+        """DATA, then ``content`` dot-stuffed and terminated; the final reply (in LMTP, the
+        last recipient's: :meth:`data_replies` gives them all).
 
         When DATA itself is refused (no recipients, ...), that refusal is returned and the
         content is not sent.
         """
+        return (await self.data_replies(content))[-1]
+
+    async def data_replies(self, content: bytes) -> list[Reply]:
+        """As :meth:`data`, with every reply after the content: one in SMTP, one per accepted
+        RCPT in LMTP, in RCPT order (RFC 2033 4.2)."""
         reply = await self.command("DATA")
         if reply.code != 354:
-            return reply
+            return [reply]
         replies = await self.raw(dot_stuff(content))
         if not replies:
             raise SessionClosed("no reply to the message: the server closed the connection")
-        return replies[-1]
+        return replies
 
     async def bdat(self, chunk: bytes, last: bool = False) -> Reply:
         """``BDAT <size> [LAST]`` with ``chunk`` in the same write (RFC 3030)."""
@@ -402,15 +419,16 @@ class TestClient:
     async def send_message(
         self, sender: str, recipients: str | Iterable[str], data: bytes
     ) -> list[Reply]:
-        """One transaction: MAIL, each RCPT, DATA. Returns those replies, in order.
+        """One transaction: MAIL, each RCPT, DATA. Returns those replies, in order (in LMTP,
+        the replies after the content are one per accepted recipient).
 
-        Says EHLO first if the session has not. Stops after a refused MAIL, or when no
+        Says EHLO (LHLO) first if the session has not. Stops after a refused MAIL, or when no
         recipient was accepted (then RSET, whose reply is not returned), as smtplib does.
         """
         if not self.connected or self.session.helo_name is None:
-            reply = await self.ehlo()
+            reply = await (self.lhlo() if self.lmtp else self.ehlo())
             if reply.code != 250:
-                raise SessionClosed(f"EHLO refused: {reply}")
+                raise SessionClosed(f"{'LHLO' if self.lmtp else 'EHLO'} refused: {reply}")
         replies = [await self.mail(sender)]
         if replies[0].code != 250:
             return replies
@@ -419,5 +437,5 @@ class TestClient:
         if not any(reply.code in (250, 251) for reply in replies[1:]):
             await self.rset()
             return replies
-        replies.append(await self.data(data))
+        replies += await self.data_replies(data)
         return replies

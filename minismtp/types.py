@@ -184,6 +184,7 @@ class Session:
     #: client that talks meanwhile is refused (``554 5.5.1``, RFC 5321 4.3.1: the client
     #: waits for the greeting). Set at Connect (``contrib.early_talker.EarlyTalker``).
     greeting_delay: float = 0.0
+    lmtp: bool = False  # an LMTP session (RFC 2033): set by the engine
 
     @property
     def peer_host(self) -> str:
@@ -192,6 +193,8 @@ class Session:
     @property
     def protocol(self) -> str:
         """The ``with`` word of a ``Received:`` header (RFC 3848)."""
+        if self.lmtp:
+            return "LMTPS" if self.tls else "LMTP"
         if not self.esmtp:
             return "SMTP"
         return "ESMTPS" if self.tls else "ESMTP"
@@ -223,6 +226,11 @@ class Transaction:
     # text of a refusal of the content.
     refused_rcpts: list[tuple[Address, Reply]] | None = None
     refusal: str | None = None
+    #: The recipients whose outcome differs from the reply to the message: a refusal after
+    #: the data (no such mailbox, mailbox full), by the ``Address`` objects of ``rcpt_to``.
+    #: LMTP sends each its own reply; SMTP folds them into one
+    #: (:func:`minismtp.protocol.fold_replies`).
+    recipient_replies: dict[Address, Reply] = attrs.field(factory=dict)
 
     @property
     def declared_size(self) -> int | None:

@@ -20,6 +20,7 @@ import pytest
 
 from minismtp import App
 from minismtp.server import ServerConfig, serve
+from minismtp.testing import TestClient
 from tests.helpers.processes import ROOT, project_env, run
 
 BODY = b"From: a@example.org\r\nSubject: hello\r\n\r\nHello, example.com.\r\n"
@@ -28,7 +29,10 @@ HOOKS_EXAMPLE = "examples/test_hooks_example.py"
 
 def test_every_example_is_run_here() -> None:
     """A new example needs a test in this file: this list is what the tests below cover."""
-    covered = {"__init__.py", "hello.py", "custom_middleware.py", "mx.py", HOOKS_EXAMPLE}
+    covered = {
+        "__init__.py", "hello.py", "custom_middleware.py", "mx.py", "lmtp_lists.py",
+        HOOKS_EXAMPLE,
+    }  # fmt: skip
     present = {path.name for path in (ROOT / "examples").glob("*.py")}
     assert present == {Path(name).name for name in covered}
 
@@ -110,6 +114,32 @@ def test_mx_served_by_minismtp_run_refuses_relay_and_greylists(tmp_path: Path) -
     }
     assert running.returncode == 0, running.output
     assert (inbound / "new").is_dir() and not any((inbound / "new").iterdir())
+
+
+# -- lmtp_lists: one answer per recipient ----------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_lmtp_lists_answers_each_list_on_its_own_rfc2033_4_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The full LMTP run, through Postfix, is tests/test_postfix_lmtp.py."""
+    from examples.lmtp_lists import app
+
+    lists = ["dev@lists.example.com", "nope@lists.example.com", "announce@lists.example.com"]
+    async with TestClient(app, lmtp=True) as client:
+        replies = await client.send_message("someone@example.org", lists, BODY)
+        owner = await client.send_message("owner@example.com", lists[2], BODY)
+    assert [(r.code, r.status, r.text) for r in replies[-3:]] == [
+        (250, "2.0.0", f"OK queued as {client.messages[0].id}"),
+        (550, "5.1.1", "No such list"),
+        (550, "5.7.1", "Only members may post to this list"),
+    ]
+    assert owner[-1].code == 250
+    assert capsys.readouterr().out.splitlines() == [
+        f"list dev: message {client.messages[0].id} from <someone@example.org>",
+        f"list announce: message {client.messages[1].id} from <owner@example.com>",
+    ]
 
 
 # -- the hook-testing example ----------------------------------------------------------------

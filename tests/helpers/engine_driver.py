@@ -95,11 +95,12 @@ def drive(
     tls_available: bool = False,
     require_tls: bool = False,
     handshake: bool = True,
+    lmtp: bool = False,
 ) -> Run:
     """Feed ``chunks`` (then EOF) through a fresh engine, answering App events.
 
     ``respond`` may return None to fall back to accepting. A StartTLS is completed at once
-    (as if the handshake succeeded) unless ``handshake`` is false.
+    (as if the handshake succeeded) unless ``handshake`` is false. ``lmtp``: an LMTP session.
     """
     pending = [chunks] if isinstance(chunks, bytes) else list(chunks)
     pending.reverse()
@@ -108,6 +109,7 @@ def drive(
         limits,
         tls_available=tls_available,
         require_tls=require_tls,
+        lmtp=lmtp,
     )
     out = bytearray()
     events: list[Event] = []
