@@ -901,10 +901,21 @@ async def _hurry(
             _reload(server)
 
 
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]  # type: ignore[no-any-return]
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # Said by the subcommand's parser, so that the hint names its own --help.
+        subcommand = _subparser(parser, args.command) if args.command else parser
+        subcommand.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "run":
         _resolve_tcp(args)
     if args.command is None:
