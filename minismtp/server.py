@@ -53,7 +53,7 @@ from minismtp.replies import SHUTTING_DOWN
 from minismtp.tls import TLSConfig
 from minismtp.types import Message
 from minismtp.unix import UnixSocket, bind_unix_socket
-from minismtp.wires import StartSession, Wire, accept_streams, peer_address
+from minismtp.wires import StartSession, Wire, accept_streams, peer_address, running_asyncio
 
 if sys.version_info < (3, 11):
     # anyio installs it below 3.11; mypy checks as 3.10 where it may not be installed.
@@ -347,7 +347,7 @@ async def serve(
                 continue
             address = peer_address(listener.extra(SocketAttribute.local_address))
             (server.tls_addresses if implicit_tls else server.addresses).append(address)
-        on_asyncio = _running_asyncio()  # the one place the loop is looked at
+        on_asyncio = running_asyncio()  # the one place the loop is looked at
         async with app.serving(), anyio.create_task_group() as connections:
             await connections.start(server._watch_clocks)
             start_session: StartSession = connections.start_soon
@@ -376,17 +376,6 @@ async def serve(
                 await listener.aclose()
         if bound_unix is not None:
             bound_unix.close()  # the socket file goes with the server that made it
-
-
-def _running_asyncio() -> bool:
-    asyncio = sys.modules.get("asyncio")  # not imported: not running (trio need not load it)
-    if asyncio is None:
-        return False
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
 
 
 def _sole_exit(group: BaseExceptionGroup[BaseException]) -> BaseException | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -170,4 +171,24 @@ def peer_address(address: Any) -> tuple[str, int]:
     return (str(address), 0)
 
 
-__all__ = ["Acceptor", "StreamWire", "Wire", "accept_streams", "next_read_size", "peer_address"]
+def running_asyncio() -> bool:
+    """Whether the running event loop is asyncio's (or uvloop's), which picks a wire."""
+    asyncio = sys.modules.get("asyncio")  # not imported: not running (trio need not load it)
+    if asyncio is None:
+        return False
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+__all__ = [
+    "Acceptor",
+    "StreamWire",
+    "Wire",
+    "accept_streams",
+    "next_read_size",
+    "peer_address",
+    "running_asyncio",
+]

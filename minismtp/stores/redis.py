@@ -1,20 +1,9 @@
 """Durable hand-off to Redis Streams: :class:`RedisStreamStore` (``pip install 'minismtp[redis]'``).
 
 Every accepted message becomes one stream entry (``XADD``), which consumers in any language
-read with a consumer group (``minismtp consume`` is one such consumer). The entry's fields:
-
-``id``           our message id (the one in ``250 ... queued as <id>`` and in ``Received:``)
-``mail_from``    the reverse-path, ``local@domain`` (empty for the null path ``<>``)
-``rcpt_to``      a JSON list of strings
-``peer``         the client's address, ``host:port`` (``[host]:port`` for IPv6)
-``helo``         the HELO/EHLO name (empty if none)
-``tls``          ``"1"`` or ``"0"``; with ``tls_version`` and ``tls_cipher`` when ``"1"``
-``received_at``  Unix seconds, with microseconds
-``size``         octets of content as the client sent it (without our ``Received:`` header)
-``mail_params``  a JSON object of the MAIL parameters (``{"BODY": "8BITMIME"}``), if any
-``rcpt_params``  a JSON list of one object per recipient, if any recipient had parameters
-``body``         the whole message, our ``Received:`` header first; or instead
-``body_key``     the name of a Redis string holding it, for bodies over ``inline_max``
+read with a consumer group (``minismtp consume`` is one such consumer); the entry's fields are
+in :mod:`minismtp.stores.redis_entry`, the URL's options in :mod:`minismtp.stores.redis_url`,
+the connection on either backend in :mod:`minismtp.stores.redis_link`.
 
 A body over ``inline_max`` is written in pieces from the spool (``SET ... EX``, then
 ``APPEND``), never joined in memory beyond one piece. The key is born with a time to live
@@ -25,435 +14,57 @@ What a return from :meth:`RedisStreamStore.put` (and so the ``250``) promises de
 server and the options; the README spells it out (``appendfsync always``: the entry is in the
 append-only file, fsynced, before Redis answers; ``wait=N``: N replicas have it in memory too;
 ``waitaof=L,R``: fsynced locally (L=1) and on R replicas).
-
-On asyncio (and uvloop) the store uses ``redis.asyncio``. On trio it uses redis' synchronous
-client, one command (or one pipeline) per worker thread through :func:`anyio.to_thread.run_sync`:
-redis' asyncio client runs on asyncio only, and its synchronous client's connection pool is
-thread-safe. A thread call is not abandoned when cancelled, so a command is never cut off
-halfway through its reply.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import math
-import sys
-import time
-import urllib.parse
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import anyio
-import anyio.to_thread
 import attrs
 
 from minismtp import stores
 from minismtp.message import Message
-from minismtp.types import Address, Reply, TLSInfo
+from minismtp.stores.redis_entry import Entry, entry_fields
+from minismtp.stores.redis_link import (
+    Arg,
+    Link,
+    Outage,
+    check,
+    connect,
+    import_redis,
+    quietly,
+    reason,
+)
+from minismtp.stores.redis_url import DEFAULT_STREAM, MIB, SCHEMES, RedisURL, redacted
+from minismtp.types import Address, Reply
 
-if TYPE_CHECKING:
-    import redis as redis_sync
-    import redis.asyncio as redis_asyncio
+__all__ = [
+    "DEFAULT_STREAM",
+    "MIB",
+    "SCHEMES",
+    "Arg",
+    "Entry",
+    "Link",
+    "RedisStreamStore",
+    "RedisURL",
+    "StoreUnavailable",
+    "check",
+    "connect",
+    "entry_fields",
+    "redacted",
+]
 
 logger = logging.getLogger("minismtp.stores.redis")
-
-DEFAULT_STREAM = "minismtp"
-SCHEMES = ("redis", "rediss", "unix")
-MIB = 1024 * 1024
-
-Arg = str | bytes | int | float
 
 
 class StoreUnavailable(stores.StoreUnavailable):
     """Redis did not take the message (unreachable, timing out, read-only, out of memory, too
     few replicas): nothing was acknowledged, the client is answered ``451 4.3.0``."""
-
-
-def _running_asyncio() -> bool:
-    asyncio = sys.modules.get("asyncio")  # not imported: not running (trio need not load it)
-    if asyncio is None:
-        return False
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
-def _import_redis() -> Any:
-    try:
-        import redis
-    except ImportError:
-        raise ImportError(
-            "the Redis store needs the redis package: pip install 'minismtp[redis]'"
-        ) from None
-    return redis
-
-
-# -- the URL ----------------------------------------------------------------------------------
-
-
-@attrs.frozen
-class RedisURL:
-    """A ``redis://`` URL split into what redis-py connects with and minismtp's own options.
-
-    ``redis://127.0.0.1:6379/0?stream=minismtp&group=workers&wait=1&wait_timeout=500``: the
-    options named below are ours; any other query parameter (``ssl_cert_reqs``,
-    ``health_check_interval``, ...) is passed on to redis-py.
-    """
-
-    connect: str  # the URL without our options, for redis-py
-    options: dict[str, str]
-
-    OURS = (
-        "stream",
-        "group",
-        "consumer",
-        "wait",
-        "wait_timeout",
-        "waitaof",
-        "inline_max",
-        "timeout",
-    )
-
-    @classmethod
-    def parse(cls, url: str) -> RedisURL:
-        shown = redacted(url)  # errors are printed and logged: never with the password
-        try:
-            parts = urllib.parse.urlsplit(url)
-            parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
-        except ValueError as exc:
-            raise ValueError(f"not a valid Redis URL: {shown!r} ({exc})") from None
-        if parts.scheme not in SCHEMES:
-            raise ValueError(
-                f"not a Redis URL: {shown!r} (expected redis://host:port/db, rediss://... "
-                "or unix:///path/to/socket)"
-            )
-        if parts.scheme != "unix" and not parts.hostname:
-            raise ValueError(f"not a Redis URL: {shown!r} (no host)")
-        if parts.scheme == "unix" and not parts.path:
-            raise ValueError(f"not a Redis URL: {shown!r} (no socket path)")
-        ours: dict[str, str] = {}
-        theirs: list[tuple[str, str]] = []
-        for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
-            if name in cls.OURS:
-                ours[name] = value
-            else:
-                theirs.append((name, value))
-        path = parts.path
-        if parts.scheme != "unix" and path not in ("", "/"):
-            db = path.lstrip("/")
-            if not db.isdigit():
-                raise ValueError(f"not a Redis URL: {shown!r} (the database must be a number)")
-        connect = urllib.parse.urlunsplit(
-            (parts.scheme, parts.netloc, path, urllib.parse.urlencode(theirs), "")
-        )
-        return cls(connect, ours)
-
-    @property
-    def where(self) -> str:
-        """Where the server is, for log lines and errors (without a password)."""
-        parts = urllib.parse.urlsplit(self.connect)
-        if parts.scheme == "unix":
-            return f"unix:{parts.path}"
-        host = parts.hostname or ""
-        host = f"[{host}]" if ":" in host else host
-        return f"{host}:{parts.port or 6379}"
-
-    def text(self, name: str, default: str) -> str:
-        value = self.options.get(name, default)
-        if not value:
-            raise ValueError(f"Redis URL: {name}= must not be empty")
-        return value
-
-    def integer(self, name: str, default: int, minimum: int = 0) -> int:
-        value = self.options.get(name)
-        if value is None:
-            return default
-        if not value.isdigit() or int(value) < minimum:
-            raise ValueError(f"Redis URL: {name}={value!r} is not a whole number >= {minimum}")
-        return int(value)
-
-    def seconds(self, name: str, default: float) -> float:
-        value = self.options.get(name)
-        if value is None:
-            return default
-        try:
-            seconds = float(value)
-        except ValueError:
-            seconds = math.nan
-        if not (seconds > 0 and math.isfinite(seconds)):
-            raise ValueError(f"Redis URL: {name}={value!r} is not a number of seconds > 0")
-        return seconds
-
-
-def redacted(url: str) -> str:
-    """``url`` with its password, if any, replaced by ``***`` (for logs and reprs)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        if parts.password is None:
-            return url
-    except ValueError:
-        return "<a URL that does not parse>"
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
-# -- one way to send commands, on either backend ----------------------------------------------
-
-
-class Link(Protocol):
-    """Raw commands to one Redis server: replies as the server sent them (no redis-py reply
-    callbacks), errors raised as redis-py's exceptions."""
-
-    async def call(self, *args: Arg) -> Any: ...
-
-    async def batch(
-        self, commands: Sequence[Sequence[Arg]], *, raise_on_error: bool = True
-    ) -> list[Any]:
-        """Send ``commands`` on one connection, in order; their replies (a MULTI inside
-        is the caller's: EXEC's reply may hold an error per command). Without
-        ``raise_on_error``, a command's error is its reply (a connection's is raised)."""
-        ...
-
-    async def reset(self) -> None:
-        """Drop the idle pooled connections (after a connection failed: they may all be
-        stale); those in use fail, if they are dead, by themselves."""
-        ...
-
-    async def aclose(self) -> None: ...
-
-
-def _client_options(timeout: float) -> dict[str, Any]:
-    redis = _import_redis()
-    from redis.backoff import NoBackoff
-
-    retry_class = redis.asyncio.retry.Retry if _running_asyncio() else redis.retry.Retry
-    return {
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-        # No silent retries: a command whose connection broke may have been executed, and a
-        # retried XADD would add the message twice. The store decides (451, backoff).
-        "retry": retry_class(NoBackoff(), 0),
-        # RESP2 replies: arrays where RESP3 has maps, the same on every redis-py version (8.x
-        # speaks RESP3 by default), which is what the raw replies are read as.
-        "protocol": 2,
-    }
-
-
-@attrs.define
-class _AsyncioLink:
-    client: redis_asyncio.Redis
-
-    async def call(self, *args: Arg) -> Any:
-        return await self.client.execute_command(*args)  # type: ignore[no-untyped-call]
-
-    async def batch(
-        self, commands: Sequence[Sequence[Arg]], *, raise_on_error: bool = True
-    ) -> list[Any]:
-        pipe = self.client.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
-        return await pipe.execute(raise_on_error=raise_on_error)
-
-    async def reset(self) -> None:
-        await self.client.connection_pool.disconnect(inuse_connections=False)
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
-
-
-@attrs.define
-class _ThreadLink:
-    client: redis_sync.Redis
-
-    async def call(self, *args: Arg) -> Any:
-        return await anyio.to_thread.run_sync(functools.partial(self.client.execute_command, *args))
-
-    def _batch(self, commands: Sequence[Sequence[Arg]], raise_on_error: bool) -> list[Any]:
-        pipe = self.client.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)  # type: ignore[no-untyped-call]
-        return pipe.execute(raise_on_error=raise_on_error)
-
-    async def batch(
-        self, commands: Sequence[Sequence[Arg]], *, raise_on_error: bool = True
-    ) -> list[Any]:
-        return await anyio.to_thread.run_sync(self._batch, commands, raise_on_error)
-
-    async def reset(self) -> None:
-        await anyio.to_thread.run_sync(
-            functools.partial(self.client.connection_pool.disconnect, inuse_connections=False)
-        )
-
-    async def aclose(self) -> None:
-        await anyio.to_thread.run_sync(self.client.close)
-
-
-def connect(url: str, timeout: float) -> Link:
-    """A :class:`Link` to the server at ``url`` (redis-py's form, without our options), for
-    the running backend: redis.asyncio on asyncio, the synchronous client in threads else."""
-    redis = _import_redis()
-    options = _client_options(timeout)
-    client: Any
-    if _running_asyncio():
-        client = redis.asyncio.Redis.from_url(url, **options)
-        link: Link = _AsyncioLink(client)
-    else:
-        client = redis.Redis.from_url(url, **options)
-        link = _ThreadLink(client)
-    # Raw replies: the same shapes on both clients, and none of redis-py's per-command parsing.
-    client.response_callbacks.clear()
-    return link
-
-
-def check(url: str, timeout: float = 5.0) -> None:
-    """PING the server at ``url`` (a minismtp Redis URL) now, blocking: ``ValueError`` for a
-    bad URL, ``OSError`` with one line of text if it does not answer. For the CLI's startup."""
-    parsed = RedisURL.parse(url)
-    redis = _import_redis()
-    from redis.backoff import NoBackoff
-
-    client = redis.Redis.from_url(
-        parsed.connect,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=redis.retry.Retry(NoBackoff(), 0),
-    )
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        raise OSError(f"cannot reach Redis at {parsed.where}: {_reason(exc)}") from exc
-    except TypeError as exc:  # an unknown query parameter, passed on to the connection
-        raise ValueError(f"Redis URL {redacted(url)!r}: {exc}") from None
-    finally:
-        client.close()
-
-
-def _reason(exc: BaseException) -> str:
-    """One line: redis-py's class names the failure (OutOfMemoryError, ReadOnlyError, ...)
-    and drops the server's prefix (OOM, READONLY) from the text."""
-    text = (str(exc).strip().splitlines() or [""])[0]
-    if isinstance(exc, StoreUnavailable):
-        return text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-# -- the entry --------------------------------------------------------------------------------
-
-
-def _peer_text(peer: tuple[str, int]) -> str:
-    host, port = peer
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def entry_fields(message: Message) -> list[Arg]:
-    """The fields of ``message``'s entry, without the body, as XADD arguments."""
-    import json  # not at the top: the CLI imports this module's parser side in every server
-
-    fields: list[Arg] = [
-        "id",
-        message.id,
-        "mail_from",
-        str(message.mail_from),
-        "rcpt_to",
-        json.dumps([str(rcpt) for rcpt in message.rcpt_to], ensure_ascii=False),
-        "peer",
-        _peer_text(message.peer),
-        "helo",
-        message.helo_name or "",
-        "tls",
-        "1" if message.tls else "0",
-        "received_at",
-        f"{message.received_at:.6f}",
-        "size",
-        message.size,
-    ]
-    if message.tls:
-        fields += ["tls_version", message.tls.version, "tls_cipher", message.tls.cipher]
-    if message.mail_params:
-        fields += ["mail_params", json.dumps(message.mail_params, ensure_ascii=False)]
-    if any(message.rcpt_params):
-        fields += ["rcpt_params", json.dumps(list(message.rcpt_params), ensure_ascii=False)]
-    return fields
-
-
-def _address(text: str) -> Address:
-    if not text:
-        return Address.null()
-    local, at, domain = text.rpartition("@")
-    if not at:  # <postmaster> and the like: no domain
-        return Address(text, "", text)
-    return Address(local, domain, text)
-
-
-def _peer(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    try:
-        return host.strip("[]"), int(port)
-    except ValueError:
-        return text, 0
-
-
-@attrs.frozen
-class Entry:
-    """A stream entry read back: the envelope, and where the body is."""
-
-    stream_id: str
-    fields: dict[str, bytes]
-
-    @classmethod
-    def from_reply(cls, stream_id: bytes, flat: Sequence[bytes]) -> Entry:
-        it = iter(flat)
-        return cls(stream_id.decode(), dict(zip(map(bytes.decode, it), it, strict=False)))
-
-    def text(self, name: str, default: str | None = None) -> str:
-        value = self.fields.get(name)
-        if value is None:
-            if default is None:
-                raise ValueError(f"entry {self.stream_id} has no {name!r} field")
-            return default
-        return value.decode("utf-8", "surrogateescape")
-
-    @property
-    def message_id(self) -> str:
-        return self.text("id", "")
-
-    @property
-    def body_key(self) -> bytes | None:
-        return self.fields.get("body_key")
-
-    def envelope(self) -> dict[str, Any]:
-        """The keyword arguments of the Message, but for its body (ValueError if malformed)."""
-        import json
-
-        try:
-            rcpt_to = json.loads(self.text("rcpt_to"))
-            mail_params = json.loads(self.text("mail_params", "{}"))
-            rcpt_params = json.loads(self.text("rcpt_params", "[]"))
-            tls = None
-            if self.text("tls", "0") == "1":
-                tls = TLSInfo(self.text("tls_version", ""), self.text("tls_cipher", ""))
-            return {
-                "id": self.text("id"),
-                "mail_from": _address(self.text("mail_from")),
-                "rcpt_to": tuple(_address(str(rcpt)) for rcpt in rcpt_to),
-                "peer": _peer(self.text("peer", "")),
-                "helo_name": self.text("helo", "") or None,
-                "tls": tls,
-                "received_at": float(self.text("received_at")),
-                "mail_params": dict(mail_params),
-                "rcpt_params": tuple(dict(p) for p in rcpt_params) or tuple({} for _ in rcpt_to),
-                "size": int(self.text("size")),
-            }
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise ValueError(f"entry {self.stream_id} is malformed: {exc}") from None
-
-
-# -- the store --------------------------------------------------------------------------------
 
 
 async def _pieces(message: Message, size: int) -> AsyncIterator[bytes]:
@@ -514,11 +125,14 @@ class RedisStreamStore:
     #: Stores that write files want the spool there; a Redis store takes the body from anywhere.
     spool_dir: Path | None = None
     _link: Link | None = attrs.field(default=None, init=False)
-    _down_since: float | None = attrs.field(default=None, init=False)
-    _down_reason: str = attrs.field(default="", init=False)
-    _retry_at: float = attrs.field(default=0.0, init=False)
-    _delay: float = attrs.field(default=0.0, init=False)
-    _refused: int = attrs.field(default=0, init=False)
+    _outage: Outage = attrs.field(
+        init=False,
+        factory=lambda: Outage(
+            logger,
+            then="answering 451 until it works again",
+            counted="message(s) were answered 451",
+        ),
+    )
     _queue: list[_Add] = attrs.field(factory=list, init=False)  # XADDs waiting for a batch
     _in_flight: int = attrs.field(default=0, init=False)  # pipelines on their way
     _slot_free: anyio.Event | None = attrs.field(default=None, init=False)
@@ -572,7 +186,7 @@ class RedisStreamStore:
             link = connect(self.url, self.timeout)
         except (ValueError, TypeError) as exc:
             raise OSError(f"Redis URL {redacted(self.url)!r}: {exc}") from None
-        redis = _import_redis()
+        redis = import_redis()
         try:
             await link.call("PING")
             kind = await link.call("TYPE", self.stream)
@@ -598,10 +212,10 @@ class RedisStreamStore:
                         wanted,
                     )
         except redis.RedisError as exc:
-            await _close_quietly(link)
-            raise OSError(f"cannot reach Redis at {self.where}: {_reason(exc)}") from exc
+            await quietly(link.aclose, 5)
+            raise OSError(f"cannot reach Redis at {self.where}: {reason(exc)}") from exc
         except BaseException:
-            await _close_quietly(link)
+            await quietly(link.aclose, 5)
             raise
         self._link = link
         logger.info("storing messages in %s", self.describe())
@@ -609,7 +223,7 @@ class RedisStreamStore:
     async def close(self) -> None:
         link, self._link = self._link, None
         if link is not None:
-            await _close_quietly(link)
+            await quietly(link.aclose, 5)
 
     async def __aenter__(self) -> RedisStreamStore:
         await self.open()
@@ -623,19 +237,17 @@ class RedisStreamStore:
         link = self._link
         if link is None:
             raise RuntimeError("RedisStreamStore.put() before open()")
-        if self._down_since is not None and time.monotonic() < self._retry_at:
-            self._refused += 1
-            raise StoreUnavailable(f"Redis at {self.where} unavailable: {self._down_reason}")
-        redis = _import_redis()
+        if self._outage.waiting():
+            raise StoreUnavailable(f"Redis at {self.where} unavailable: {self._outage.reason}")
+        redis = import_redis()
         try:
             await self._add(link, message)
         except (redis.RedisError, StoreUnavailable) as exc:
             await self._failed(link, exc)
             raise StoreUnavailable(
-                f"Redis at {self.where} did not take message {message.id}: {_reason(exc)}"
+                f"Redis at {self.where} did not take message {message.id}: {reason(exc)}"
             ) from exc
-        if self._down_since is not None:
-            self._recovered()
+        self._outage.recovered()
         return None
 
     async def _add(self, link: Link, message: Message) -> None:
@@ -660,7 +272,7 @@ class RedisStreamStore:
                 replies = await link.batch(
                     [["MULTI"], ["PERSIST", key], xadd, ["EXEC"], *self._durability()]
                 )
-            except _import_redis().ResponseError:
+            except import_redis().ResponseError:
                 refused = True  # a command refused while queued (OOM...): EXEC aborted
                 raise
             executed = replies[3]
@@ -672,11 +284,7 @@ class RedisStreamStore:
         except BaseException:
             if refused:
                 # Sooner than its time to live: nothing names the key.
-                with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeout):
-                    try:
-                        await link.call("DEL", key)
-                    except Exception:
-                        pass
+                await quietly(functools.partial(link.call, "DEL", key), self.timeout)
             raise
 
     async def _commit(self, link: Link, add: _Add) -> None:
@@ -761,47 +369,11 @@ class RedisStreamStore:
                 )
 
     async def _failed(self, link: Link, exc: BaseException) -> None:
-        now = time.monotonic()
-        reason = _reason(exc)
-        if self._down_since is None:
-            self._down_since = now
-            self._delay = self.backoff
-            self._refused = 0
-            logger.error(
-                "Redis at %s failed: %s; answering 451 until it works again", self.where, reason
-            )
-        else:
-            self._delay = min(self.backoff_max, self._delay * 2)
-        self._refused += 1
-        self._down_reason = reason
-        self._retry_at = now + self._delay
-        redis = _import_redis()
+        self._outage.failed(exc, self.where, self.backoff, self.backoff_max)
+        redis = import_redis()
         if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
             # The idle connections may be as dead as this one: the next try opens new ones.
-            with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeout):
-                try:
-                    await link.reset()
-                except Exception:
-                    pass
-
-    def _recovered(self) -> None:
-        assert self._down_since is not None
-        logger.warning(
-            "Redis at %s works again after %.1f s; %d message(s) were answered 451 meanwhile",
-            self.where,
-            time.monotonic() - self._down_since,
-            self._refused,
-        )
-        self._down_since = None
-        self._refused = 0
-
-
-async def _close_quietly(link: Link) -> None:
-    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-        try:
-            await link.aclose()
-        except Exception:
-            pass
+            await quietly(link.reset, self.timeout)
 
 
 def _info_field(info: bytes, name: str) -> str:
