@@ -125,9 +125,12 @@ class DotReader:
             # A small read (a message of a few KB), or one long line: joined to the tail whole.
             where = self._take(b"".join((self._tail, memoryview(data)[start:])), 0)
         else:
-            where = self._take(b"".join((self._tail, memoryview(data)[start:first])), 0)
+            tail = self._tail
+            where = self._take(b"".join((tail, memoryview(data)[start:first])), 0)
             if where is not None:  # the read's first line ended the data: commands follow
-                where = (data, first)
+                # Where in ``data``: not always ``first``, as the end's CRLF may straddle the
+                # reads (a tail ending "\r\n.\r", a read starting "\n").
+                where = (data, start + where[1] - len(tail))
             else:  # the head ended with the read's first CRLF: the rest starts there
                 where = self._take(data, first - 2)
         if where is None:

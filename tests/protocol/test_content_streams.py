@@ -181,3 +181,17 @@ def test_the_readers_declare_their_state() -> None:
     chunk.start(5, last=True)
     assert chunk.feed(b"ab\r\ncNOOP\r\n", 0) == 5
     assert chunk.remaining == 0 and b"".join(map(bytes, chunk.pieces)) == b"ab\r\nc"
+
+
+def test_an_end_of_data_split_inside_its_last_crlf_by_a_large_read() -> None:
+    """RFC 5321 4.1.1.4: the reads end after "<CRLF>.<CR>" and the next, a large one (past
+    the small-read path), starts with the "<LF>": the commands go on right after it, not
+    after the next read's first line (the MAIL that follows used to be skipped)."""
+    body = b"Subject: a\r\n\r\n" + (b"y" * 78 + b"\r\n") * 300  # 24 KB: a large read
+    message = TX + b"DATA\r\n" + body + b".\r\n"
+    second = b"MAIL FROM:<c@example.org>\r\nRCPT TO:<d@example.com>\r\nDATA\r\n" + body
+    wire = message + second + b".\r\nQUIT\r\n"
+    split = len(message) - 1  # between the CR and the LF of the first end of data
+    run = drive([wire[:split], wire[split:]])
+    assert run.messages == [body, body]
+    assert run.codes == [*HEAD, "354", OK, "250 2.1.0", "250 2.1.5", "354", OK, "221 2.0.0"]
