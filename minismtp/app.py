@@ -69,9 +69,7 @@ HeloHook = Callable[[Session, str], HookResult]
 MailHook = Callable[[Transaction, Address], HookResult]
 RcptHook = Callable[[Transaction, Address], HookResult]
 DataChunkHook = Callable[[Transaction, Piece], HookResult]
-DataHookResult = (
-    Reply | RecipientReplies | Awaitable[Reply | RecipientReplies | None] | None
-)
+DataHookResult = Reply | RecipientReplies | Awaitable[Reply | RecipientReplies | None] | None
 DataHook = Callable[[Transaction, Message], DataHookResult]
 MessageHook = Callable[[Message], Awaitable[None] | None]
 LifespanHook = Callable[[], Awaitable[None] | None]

@@ -22,18 +22,14 @@ import re
 
 import attrs
 
-from minismtp.types import Reply
+from minismtp.replies import encoded
 
 Piece = bytes | memoryview
 
 
-def _r(code: int, status: str, text: str) -> bytes:
-    return bytes(Reply(code, status, text))
-
-
-TOO_BIG = _r(552, "5.3.4", "Message size exceeds fixed maximum message size")
-TEXT_LINE_TOO_LONG = _r(500, "5.5.2", "Message line too long")
-BARE_LINE_END_IN_DATA = _r(550, "5.5.2", "Message contains bare CR or LF")
+TOO_BIG = encoded(552, "5.3.4", "Message size exceeds fixed maximum message size")
+TEXT_LINE_TOO_LONG = encoded(500, "5.5.2", "Message line too long")
+BARE_LINE_END_IN_DATA = encoded(550, "5.5.2", "Message contains bare CR or LF")
 
 _BARE_LINE_END = re.compile(rb"\r\n|\r|\n")
 # A CR not followed by LF; an LF not preceded by CR; an LF that is bare or starts a line with

@@ -7,7 +7,7 @@ The App records each mapping in ``transaction.recipient_replies``; the engine th
 (:mod:`minismtp.protocol`):
 
 - in LMTP (RFC 2033 4.2), one reply per accepted RCPT, each recipient its own;
-- in SMTP, one reply for all (:func:`~minismtp.protocol.fold_replies`): every recipient
+- in SMTP, one reply for all (:func:`fold_replies`): every recipient
   accepted, ``250``; every one refused, the refusal (and nothing is stored); some of each,
   ``250``: the message is stored for the others, and the refusals stay on the Message
   (``message.recipient_replies``) for whoever must tell the sender (RFC 5321 3.6.3: a bounce).
@@ -15,7 +15,7 @@ The App records each mapping in ``transaction.recipient_replies``; the engine th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from minismtp.types import Address, Reply, Transaction
 
@@ -48,6 +48,29 @@ def still_accepted(transaction: Transaction) -> list[Address]:
     outcomes = transaction.recipient_replies
     if not outcomes:
         return list(transaction.rcpt_to)
-    return [
-        a for a in transaction.rcpt_to if (r := outcomes.get(a)) is None or 200 <= r.code < 300
-    ]
+    return [a for a in transaction.rcpt_to if (r := outcomes.get(a)) is None or 200 <= r.code < 300]
+
+
+def fold_replies(reply: Reply, outcomes: Iterable[Reply]) -> Reply:
+    """The one SMTP reply for a message whose recipients had ``outcomes`` (``reply``: the
+    App's own answer, used when it fits).
+
+    All accepted: ``reply`` (or the first success). Some accepted, some refused: a success,
+    since the message was taken for the others: the refusals are the receiver's to report
+    (RFC 5321 3.6.3 lets it accept and send a bounce later). None accepted: the refusal, a
+    transient one first, so that a sender retries rather than gives up on recipients that
+    may yet be delivered.
+    """
+    accepted: Reply | None = None
+    transient: Reply | None = None
+    permanent: Reply | None = None
+    for outcome in outcomes:
+        if 200 <= outcome.code < 300:
+            accepted = accepted or outcome
+        elif outcome.code < 500:
+            transient = transient or outcome
+        else:
+            permanent = permanent or outcome
+    if accepted is not None:
+        return reply if 200 <= reply.code < 300 else accepted
+    return transient or permanent or reply

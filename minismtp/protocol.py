@@ -5,8 +5,11 @@ Like h11, the engine does no I/O. The caller feeds it what the client sent with
 :meth:`Engine.receive_data`, asks :meth:`Engine.next_event` what to do next, answers the
 App events (Connect, Helo, Mail, Rcpt, DataChunk, Data) with :meth:`Engine.respond`, and
 writes out :meth:`Engine.data_to_send`. Everything the RFCs decide without the App -- syntax,
-command sequence, limits, dot-stuffing, the end of data -- is decided here; the content
-readers (DATA's dot reader, BDAT's chunk reader) are in :mod:`minismtp.content`.
+command sequence, limits, dot-stuffing, the end of data -- is decided by the engine: this
+module holds its state and the caller's side; the command handlers are in
+:mod:`minismtp.commands`, the content side (pieces out as events) in :mod:`minismtp.streaming`,
+the content readers (DATA's dot reader, BDAT's chunk reader) in :mod:`minismtp.content`, the
+states in :mod:`minismtp.states` and the replies it sends on its own in :mod:`minismtp.replies`.
 
 Content streams: as a reader settles it, the engine hands it on in ``DataChunk`` events of at
 most :data:`MAX_CHUNK` octets, then asks about the whole message with ``Data``. A refused
@@ -22,127 +25,69 @@ same record is folded into the one reply SMTP allows (:func:`fold_replies`).
 
 from __future__ import annotations
 
-import enum
-import functools
 import re
-from collections.abc import Iterable
 
 import attrs
 
-from minismtp.content import TOO_BIG, ChunkReader, DotReader, Piece
+from minismtp.commands import COMMANDS, ehlo_keywords
+from minismtp.content import ChunkReader, DotReader
 from minismtp.events import Connect, Data, DataChunk, Event, Helo, Mail, Rcpt
-from minismtp.paths import (
-    ParameterError,
-    PathError,
-    UnknownParameter,
-    check_mail_params,
-    check_rcpt_params,
-    parse_path_and_params,
+from minismtp.limits import Limits
+from minismtp.outcomes import fold_replies
+from minismtp.replies import (
+    BAD_RECIPIENT,
+    BAD_SENDER,
+    BARE_LINE_END_IN_COMMAND,
+    BDAT_SYNTAX,
+    BYE,
+    DATA_AFTER_BDAT,
+    DATA_GO_AHEAD,
+    DUPLICATE_RECIPIENT,
+    EXPN_REPLY,
+    HELO_SYNTAX,
+    LINE_TOO_LONG,
+    LMTP_LHLO_SYNTAX,
+    LMTP_NEED_LHLO,
+    LMTP_NEED_RCPT,
+    LMTP_NOT_SMTP,
+    MAIL_SYNTAX,
+    NEED_HELO,
+    NEED_MAIL,
+    NEED_RCPT,
+    NEED_SMTPUTF8,
+    NESTED_MAIL,
+    NO_ARGUMENTS,
+    NOT_UTF8,
+    OK,
+    PARAMS_NEED_EHLO,
+    RCPT_SYNTAX,
+    TLS_ACTIVE,
+    TLS_GO_AHEAD,
+    TLS_REQUIRED,
+    TLS_UNAVAILABLE,
+    TOO_MANY_ERRORS,
+    TOO_MANY_JUNK,
+    TOO_MANY_RECIPIENTS,
+    UNRECOGNIZED,
+    VRFY_REPLY,
+    VRFY_SYNTAX,
 )
+from minismtp.states import (
+    BDAT,
+    CLOSED,
+    COMMAND,
+    CONNECT,
+    DATA,
+    END,
+    ENDING,
+    NEED_DATA,
+    TLS,
+    Closed,
+    NeedData,
+    StartTLS,
+)
+from minismtp.streaming import MAX_CHUNK, end_content, receive_chunk, receive_dotted
 from minismtp.types import Address, Reply, Session, TLSInfo, Transaction
-
-
-@attrs.frozen
-class Limits:
-    """What one session may cost. Each limit follows RFC 5321 4.5.3 or Postfix's practice."""
-
-    max_command_line: int = 512  # octets with CRLF (RFC 5321 4.5.3.1.4)
-    max_text_line: int = 1000  # DATA lines with CRLF (RFC 5321 4.5.3.1.6); 0: unlimited
-    max_message_size: int = 32 * 1024 * 1024  # advertised as SIZE (RFC 1870)
-    max_recipients: int = 100  # RFC 5321 4.5.3.1.8 asks for at least 100
-    max_errors: int = 20  # bad commands before 421 and close
-    max_junk_commands: int = 100  # NOOP, RSET, VRFY, EXPN, HELP without a message in between
-    accept_bare_line_endings: bool = False  # True: normalise bare CR/LF to CRLF, not 550
-    # Octets of a message's content the App keeps in memory; past it, the spool is a file.
-    spool_memory: int = 256 * 1024
-
-
-class NeedData:
-    """Write out :meth:`Engine.data_to_send`, then feed the engine more of the client's bytes."""
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = NeedData()
-
-
-@attrs.frozen
-class StartTLS:
-    """The 220 for STARTTLS is queued: write it, do the handshake, then call ``tls_started``."""
-
-
-@attrs.frozen
-class Closed:
-    """The session is over: write out what is queued and close the connection."""
-
-
-_START_TLS = StartTLS()
-_CLOSED = Closed()
-
-
-class _State(enum.Enum):
-    CONNECT = "connect"  # Connect event not yet asked for
-    COMMAND = "command"
-    DATA = "data"  # reading dot-terminated content
-    BDAT = "bdat"  # reading a counted chunk
-    ENDING = "ending"  # the content is complete: its last chunks, then Data
-    TLS = "tls"  # waiting for the handshake
-    CLOSED = "closed"
-
-
-# The states read on every command and read, as plain globals: an Enum member lookup costs
-# several times a global's.
-_COMMAND, _DATA, _BDAT, _ENDING = _State.COMMAND, _State.DATA, _State.BDAT, _State.ENDING
-
-#: The largest DataChunk the engine hands on: a larger settled piece (a large read, fed whole)
-#: goes out as views of it, so that a spool writes and a hook scans bounded pieces.
-MAX_CHUNK = 256 * 1024
-
-
-def _r(code: int, status: str | None, text: str) -> bytes:
-    return bytes(Reply(code, status, text))
-
-
-# Replies the engine gives itself, encoded once.
-OK = _r(250, "2.0.0", "OK")
-DATA_GO_AHEAD = _r(354, None, "End data with <CR><LF>.<CR><LF>")
-BYE = _r(221, "2.0.0", "Bye")
-TLS_GO_AHEAD = _r(220, "2.0.0", "Ready to start TLS")
-VRFY_REPLY = _r(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
-EXPN_REPLY = _r(502, "5.5.1", "EXPN not supported")
-UNRECOGNIZED = _r(500, "5.5.2", "Syntax error, command unrecognized")
-LINE_TOO_LONG = _r(500, "5.5.2", "Line too long")
-BARE_LINE_END_IN_COMMAND = _r(500, "5.5.2", "Syntax error, bare CR or LF in command line")
-NOT_UTF8 = _r(500, "5.5.2", "Syntax error, invalid characters in command")
-NO_ARGUMENTS = _r(501, "5.5.4", "Syntax error, no parameters allowed")
-HELO_SYNTAX = _r(501, "5.5.4", "Syntax: HELO/EHLO domain")
-MAIL_SYNTAX = _r(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
-RCPT_SYNTAX = _r(501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]")
-BAD_SENDER = _r(501, "5.1.7", "Bad sender address syntax")
-BAD_RECIPIENT = _r(501, "5.1.3", "Bad recipient address syntax")
-VRFY_SYNTAX = _r(501, "5.5.4", "Syntax: VRFY address")
-BDAT_SYNTAX = _r(501, "5.5.4", "Syntax: BDAT size [LAST]")
-NEED_HELO = _r(503, "5.5.1", "Error: send HELO/EHLO first")
-NESTED_MAIL = _r(503, "5.5.1", "Error: nested MAIL command")
-NEED_MAIL = _r(503, "5.5.1", "Error: need MAIL command")
-NEED_RCPT = _r(554, "5.5.1", "Error: no valid recipients")
-# RFC 2033 4.2: in LMTP, DATA without a successful RCPT MUST fail with 503.
-LMTP_NEED_RCPT = _r(503, "5.5.1", "Error: no valid recipients")
-LMTP_NEED_LHLO = _r(503, "5.5.1", "Error: send LHLO first")
-LMTP_LHLO_SYNTAX = _r(501, "5.5.4", "Syntax: LHLO domain")
-# RFC 2033 4.1: an LMTP server does not answer HELO or EHLO as SMTP would.
-LMTP_NOT_SMTP = _r(500, "5.5.1", "Error: this is an LMTP server, send LHLO")
-DUPLICATE_RECIPIENT = _r(250, "2.1.5", "OK (duplicate recipient)")
-DATA_AFTER_BDAT = _r(503, "5.5.1", "Error: DATA not allowed after BDAT")
-TLS_ACTIVE = _r(503, "5.5.1", "Error: TLS already active")
-TLS_UNAVAILABLE = _r(502, "5.5.1", "Error: STARTTLS not available")
-TLS_REQUIRED = _r(530, "5.7.0", "Must issue a STARTTLS command first")
-NEED_SMTPUTF8 = _r(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
-PARAMS_NEED_EHLO = _r(555, "5.5.4", "Parameters need EHLO")
-TOO_MANY_RECIPIENTS = _r(452, "4.5.3", "Too many recipients")
-TOO_MANY_ERRORS = _r(421, "4.7.0", "Too many errors, closing connection")
-TOO_MANY_JUNK = _r(421, "4.7.0", "Too many commands without a message, closing connection")
 
 _HTTP_PROBES = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"CONNECT ", b"OPTIONS ", b"DELETE ")
 _HEADER_NAME = re.compile(rb"[A-Za-z][A-Za-z0-9-]*:")
@@ -150,54 +95,11 @@ _HEADER_NAME = re.compile(rb"[A-Za-z][A-Za-z0-9-]*:")
 _CR, _LF = ord("\r"), ord("\n")
 
 
-def fold_replies(reply: Reply, outcomes: Iterable[Reply]) -> Reply:
-    """The one SMTP reply for a message whose recipients had ``outcomes`` (``reply``: the
-    App's own answer, used when it fits).
-
-    All accepted: ``reply`` (or the first success). Some accepted, some refused: a success,
-    since the message was taken for the others: the refusals are the receiver's to report
-    (RFC 5321 3.6.3 lets it accept and send a bounce later). None accepted: the refusal, a
-    transient one first, so that a sender retries rather than gives up on recipients that
-    may yet be delivered.
-    """
-    accepted: Reply | None = None
-    transient: Reply | None = None
-    permanent: Reply | None = None
-    for outcome in outcomes:
-        if 200 <= outcome.code < 300:
-            accepted = accepted or outcome
-        elif outcome.code < 500:
-            transient = transient or outcome
-        else:
-            permanent = permanent or outcome
-    if accepted is not None:
-        return reply if 200 <= reply.code < 300 else accepted
-    return transient or permanent or reply
-
-
 def _reply_with_status(reply: Reply) -> bytes:
     """Give an App reply the class-level enhanced status code it lacks (RFC 3463)."""
     if reply.status is None and reply.code >= 250:
         reply = attrs.evolve(reply, status=f"{reply.code // 100}.0.0")
     return bytes(reply)
-
-
-@functools.lru_cache(maxsize=16)
-def ehlo_keywords(max_size: int, offer_tls: bool) -> tuple[str, ...]:
-    """The extensions the engine honours, as EHLO (and LHLO) keyword lines; PIPELINING and
-    ENHANCEDSTATUSCODES are always among them, as RFC 2033 4.1 wants of LMTP."""
-    keywords = [
-        "PIPELINING",
-        f"SIZE {max_size}",
-        "8BITMIME",
-        "SMTPUTF8",
-        "ENHANCEDSTATUSCODES",
-        "CHUNKING",
-    ]
-    if offer_tls:
-        keywords.append("STARTTLS")
-    keywords.append("HELP")
-    return tuple(keywords)
 
 
 class Engine:
@@ -223,7 +125,7 @@ class Engine:
         #: Transactions ended since the caller last emptied this list (for logs and metrics),
         #: each with its ``reply_code``: the final reply, or None if it was abandoned.
         self.finished: list[Transaction] = []
-        self._state = _State.CONNECT
+        self._state = CONNECT
         # The command side's bytes: what is left of the last read from ``_pos`` on. A read
         # is kept as it came and parsed where it lies: a batch of pipelined commands (or of
         # whole messages, from a client that does not wait for the 354) is never copied again
@@ -252,7 +154,7 @@ class Engine:
     def receiving_data(self) -> bool:
         """True while message content streams in (DATA or a BDAT chunk)."""
         state = self._state
-        return state is _DATA or state is _BDAT
+        return state is DATA or state is BDAT
 
     @property
     def in_transaction(self) -> bool:
@@ -266,15 +168,15 @@ class Engine:
 
     @property
     def closed(self) -> bool:
-        return self._state is _State.CLOSED
+        return self._state is CLOSED
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the client; ``b""`` means the client closed its side."""
         if not data:
             self._eof = True
-        elif self._state is _DATA:
+        elif self._state is DATA:
             self._incoming.append(data)
-        elif self._state is not _State.CLOSED and self._state is not _State.TLS:
+        elif self._state is not CLOSED and self._state is not TLS:
             # Bytes that arrive while a STARTTLS handshake is pending were sent in the clear
             # after STARTTLS; they are dropped, never parsed (RFC 3207 4.2, CVE-2011-0411).
             if self._pos < len(self._buf):  # a command's start waits for its end
@@ -296,17 +198,17 @@ class Engine:
             raise RuntimeError(f"respond() to {type(self._pending).__name__} first")
         while True:
             state = self._state
-            if state is _COMMAND:
+            if state is COMMAND:
                 result = self._next_command()
-            elif state is _DATA:
-                result = self._receive_dotted()
-            elif state is _BDAT:
-                result = self._receive_chunk()
-            elif state is _ENDING:
-                result = self._end_content()
-            elif state is _State.CLOSED:
-                return _CLOSED
-            elif state is _State.CONNECT:
+            elif state is DATA:
+                result = receive_dotted(self)
+            elif state is BDAT:
+                result = receive_chunk(self)
+            elif state is ENDING:
+                result = end_content(self)
+            elif state is CLOSED:
+                return END
+            elif state is CONNECT:
                 self._pending = Connect(self.session)
                 return self._pending
             else:
@@ -361,27 +263,27 @@ class Engine:
                 self._reset_transaction()
         elif isinstance(event, Connect):
             self._out.append(bytes(reply))
-            self._state = _State.COMMAND if accepted else _State.CLOSED
+            self._state = COMMAND if accepted else CLOSED
         if reply.code == 421:
-            self._state = _State.CLOSED
+            self._state = CLOSED
 
     def tls_started(self, info: TLSInfo) -> None:
         """The handshake succeeded: the session starts over and needs a new EHLO (RFC 3207 4.2)."""
-        if self._state is not _State.TLS:
+        if self._state is not TLS:
             raise RuntimeError("no STARTTLS is pending")
         self.session.tls = info
         self.session.helo_name = None
         self.session.esmtp = False
         self._reset_transaction()
         self._buf, self._pos = b"", 0
-        self._state = _State.COMMAND
+        self._state = COMMAND
 
     def close(self, reply: Reply | None = None) -> None:
         """End the session from the server's side (timeout, shutdown), with a last reply."""
-        if self._state is not _State.CLOSED and reply is not None:
+        if self._state is not CLOSED and reply is not None:
             self._out.append(bytes(reply))
         self._reset_transaction()
-        self._state = _State.CLOSED
+        self._state = CLOSED
         self._pending = None
 
     def _answer_recipients(self, transaction: Transaction, reply: Reply) -> bool:
@@ -408,15 +310,6 @@ class Engine:
                 accepted = accepted or 200 <= outcome.code < 300
         return accepted
 
-    def _answer_content_failure(self, reply: bytes) -> None:
-        """The engine refused the content (size, line length, bare line ends): in LMTP every
-        accepted RCPT is owed that reply at the end of the content (RFC 2033 4.2), in SMTP the
-        message is; a BDAT chunk that is not the last is owed one reply whatever the mode."""
-        reader = self._content
-        ending = not isinstance(reader, ChunkReader) or reader.last
-        owed = len(self._lmtp_recipients) if self.lmtp and ending else 1
-        self._out.extend([reply] * max(owed, 1))
-
     # -- commands ---------------------------------------------------------------------------
 
     def _next_command(self) -> Event | NeedData | StartTLS | Closed | None:
@@ -442,13 +335,13 @@ class Engine:
         if _LF in line or _CR in line:
             return self._error(BARE_LINE_END_IN_COMMAND)
         verb, _, arg = line.partition(b" ")
-        handler = _COMMANDS.get(verb.upper())
+        handler = COMMANDS.get(verb.upper())
         if handler is None:
             if line.startswith(_HTTP_PROBES) or _HEADER_NAME.fullmatch(verb):
                 # An HTTP request or proxy probe: a web client was pointed at us, or somebody
                 # is trying a cross-protocol attack. End at once, answering nothing.
-                self._state = _State.CLOSED
-                return _CLOSED
+                self._state = CLOSED
+                return END
             return self._error(UNRECOGNIZED)
         return handler(self, arg)
 
@@ -462,9 +355,9 @@ class Engine:
 
     def _lost(self) -> Closed:
         """The client closed its side; whatever it had half sent is dropped."""
-        self._state = _State.CLOSED
+        self._state = CLOSED
         self._reset_transaction()
-        return _CLOSED
+        return END
 
     def _reply(self, reply: bytes) -> None:
         self._out.append(reply)
@@ -474,8 +367,8 @@ class Engine:
         self._errors += 1
         if self._errors >= self.limits.max_errors:
             self._out.append(TOO_MANY_ERRORS)
-            self._state = _State.CLOSED
-            return _CLOSED
+            self._state = CLOSED
+            return END
         return None
 
     def _junk_command(self, reply: bytes) -> Closed | None:
@@ -483,8 +376,8 @@ class Engine:
         self._junk += 1
         if self._junk > self.limits.max_junk_commands:
             self._out.append(TOO_MANY_JUNK)
-            self._state = _State.CLOSED
-            return _CLOSED
+            self._state = CLOSED
+            return END
         return None
 
     def _reset_transaction(self, reply_code: int | None = None) -> None:
@@ -503,294 +396,6 @@ class Engine:
         if self._lmtp_recipients:
             self._lmtp_recipients = []
 
-    def _text(self, arg: bytes) -> str | None:
-        try:
-            return arg.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-
-    def _helo(self, arg: bytes, esmtp: bool) -> Event | Closed | None:
-        name = self._text(arg.strip(b" "))
-        if not name:
-            return self._error(LMTP_LHLO_SYNTAX if self.lmtp else HELO_SYNTAX)
-        keywords = ehlo_keywords(
-            self.limits.max_message_size, self.tls_available and self.session.tls is None
-        )
-        return Helo(self.session, name, esmtp, keywords if esmtp else ())
-
-    def _cmd_helo(self, arg: bytes) -> Event | Closed | None:
-        if self.lmtp:
-            return self._error(LMTP_NOT_SMTP)
-        return self._helo(arg, esmtp=False)
-
-    def _cmd_ehlo(self, arg: bytes) -> Event | Closed | None:
-        if self.lmtp:
-            return self._error(LMTP_NOT_SMTP)
-        return self._helo(arg, esmtp=True)
-
-    def _cmd_lhlo(self, arg: bytes) -> Event | Closed | None:
-        """RFC 2033 4.1: LMTP's greeting, EHLO's in all but name (a Helo event, ``esmtp``)."""
-        if not self.lmtp:
-            return self._error(UNRECOGNIZED)
-        return self._helo(arg, esmtp=True)
-
-    def _cmd_mail(self, arg: bytes) -> Event | Closed | None:
-        session = self.session
-        if session.helo_name is None:
-            return self._error(LMTP_NEED_LHLO if self.lmtp else NEED_HELO)
-        if self.transaction is not None:
-            return self._error(NESTED_MAIL)
-        if self.require_tls and session.tls is None:
-            return self._error(TLS_REQUIRED)
-        text = self._text(arg)
-        if text is None:
-            return self._error(NOT_UTF8)
-        ascii_only = arg.isascii()
-        try:
-            command = parse_path_and_params(text, "FROM:", utf8=not ascii_only)
-            if command.postmaster:
-                raise PathError("<postmaster> is a recipient")
-            params = command.params
-            if params:
-                if not session.esmtp:
-                    return self._error(PARAMS_NEED_EHLO)
-                check_mail_params(params)
-        except UnknownParameter:
-            return self._error(_r(555, "5.5.4", "Unsupported parameter"))
-        except ParameterError:
-            return self._error(MAIL_SYNTAX)
-        except PathError:
-            return self._error(MAIL_SYNTAX if text[:5].upper() != "FROM:" else BAD_SENDER)
-        if params:
-            if not ascii_only and "SMTPUTF8" not in params:
-                return self._error(NEED_SMTPUTF8)
-            size = params.get("SIZE")
-            if size is not None and int(size) > self.limits.max_message_size:
-                self._reply(TOO_BIG)
-                return None
-        elif not ascii_only:
-            return self._error(NEED_SMTPUTF8)
-        transaction = Transaction(
-            session, command.address, params, max_size=self.limits.max_message_size
-        )
-        return Mail(session, transaction, command.address, params)
-
-    def _cmd_rcpt(self, arg: bytes) -> Event | Closed | None:
-        transaction = self.transaction
-        if transaction is None:
-            return self._error(NEED_MAIL)
-        text = self._text(arg)
-        if text is None:
-            return self._error(NOT_UTF8)
-        utf8 = transaction.smtputf8
-        try:
-            command = parse_path_and_params(text, "TO:", utf8=utf8)
-            if command.address.is_null:
-                raise PathError("<> is not a recipient")
-            if command.params:
-                check_rcpt_params(command.params)
-        except UnknownParameter:
-            return self._error(_r(555, "5.5.4", "Unsupported parameter"))
-        except ParameterError:
-            return self._error(RCPT_SYNTAX)
-        except PathError:
-            if not utf8 and not arg.isascii():
-                return self._error(NEED_SMTPUTF8)
-            return self._error(RCPT_SYNTAX if text[:3].upper() != "TO:" else BAD_RECIPIENT)
-        address = command.address
-        recipients = transaction.rcpt_to
-        if recipients:
-            key = (address.local_part, address.domain.lower())
-            for earlier in recipients:
-                if (earlier.local_part, earlier.domain.lower()) == key:
-                    # Delivered once; in LMTP still owed its own reply after the content
-                    # (RFC 2033 4.2: one per RCPT that succeeded).
-                    if self.lmtp:
-                        self._lmtp_recipients.append(earlier)
-                    self._reply(DUPLICATE_RECIPIENT)
-                    return None
-        if len(transaction.rcpt_to) >= self.limits.max_recipients:
-            self._reply(TOO_MANY_RECIPIENTS)
-            return None
-        return Rcpt(self.session, transaction, address, command.params)
-
-    def _cmd_data(self, arg: bytes) -> Event | Closed | None:
-        if arg:
-            return self._error(NO_ARGUMENTS)
-        transaction = self.transaction
-        if transaction is None:
-            return self._error(NEED_MAIL)
-        if self._chunking:
-            return self._error(DATA_AFTER_BDAT)
-        if not transaction.rcpt_to:
-            return self._error(LMTP_NEED_RCPT if self.lmtp else NEED_RCPT)
-        self._reply(DATA_GO_AHEAD)
-        limits = self.limits
-        self._content = DotReader(
-            transaction.max_size, limits.max_text_line, limits.accept_bare_line_endings
-        )
-        self._state = _State.DATA  # what follows DATA in the command buffer is content now
-        return None
-
-    def _cmd_bdat(self, arg: bytes) -> Event | Closed | None:
-        size, _, last = arg.partition(b" ")
-        if not size.isdigit() or len(size) > 20 or last.upper() not in (b"", b"LAST"):
-            return self._error(BDAT_SYNTAX)
-        # RFC 3030 3: a chunk is read in full even when it is refused.
-        transaction = self.transaction
-        reader = self._content
-        if not isinstance(reader, ChunkReader) or transaction is None or not transaction.rcpt_to:
-            reader = self._content = ChunkReader(
-                transaction.max_size if transaction else 0, self.limits.accept_bare_line_endings
-            )
-            if transaction is None:
-                reader.failure = NEED_MAIL
-            elif not transaction.rcpt_to:
-                reader.failure = NEED_RCPT
-            else:
-                self._chunking = True
-        reader.start(int(size), bool(last))
-        self._state = _State.BDAT
-        return None
-
-    def _cmd_rset(self, arg: bytes) -> Event | Closed | None:
-        if arg:
-            return self._error(NO_ARGUMENTS)
-        self._reset_transaction()
-        return self._junk_command(OK)
-
-    def _cmd_noop(self, arg: bytes) -> Event | Closed | None:
-        return self._junk_command(OK)
-
-    def _cmd_vrfy(self, arg: bytes) -> Event | Closed | None:
-        if not arg.strip():
-            return self._error(VRFY_SYNTAX)
-        return self._junk_command(VRFY_REPLY)
-
-    def _cmd_expn(self, arg: bytes) -> Event | Closed | None:
-        return self._junk_command(EXPN_REPLY)
-
-    def _cmd_help(self, arg: bytes) -> Event | Closed | None:
-        greetings = "LHLO" if self.lmtp else "HELO EHLO"
-        verbs = f"{greetings} MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP"
-        if self.tls_available and self.session.tls is None:
-            verbs += " STARTTLS"
-        return self._junk_command(_r(214, "2.0.0", f"Commands: {verbs}"))
-
-    def _cmd_quit(self, arg: bytes) -> Event | Closed | None:
-        if arg:
-            return self._error(NO_ARGUMENTS)
-        self._reply(BYE)
-        self._reset_transaction()
-        self._state = _State.CLOSED
-        return _CLOSED
-
-    def _cmd_starttls(self, arg: bytes) -> StartTLS | Closed | None:
-        if arg:
-            return self._error(NO_ARGUMENTS)
-        if not self.tls_available:
-            return self._error(TLS_UNAVAILABLE)
-        if self.session.tls is not None:
-            return self._error(TLS_ACTIVE)
-        self._reply(TLS_GO_AHEAD)
-        # Whatever the client pipelined after STARTTLS came in the clear: drop it unread.
-        self._buf, self._pos = b"", 0
-        self._state = _State.TLS
-        return _START_TLS
-
-    # -- message content --------------------------------------------------------------------
-
-    def _receive_dotted(self) -> Event | NeedData | Closed | None:
-        """DATA content, through the dot reader (:mod:`minismtp.content`)."""
-        reader = self._content
-        assert isinstance(reader, DotReader)
-        if reader.pieces:
-            return self._data_chunk(reader.pieces)
-        incoming = self._incoming
-        data, start = self._buf, self._pos
-        if start < len(data):  # sent right after DATA, in the read that carried it
-            self._buf, self._pos = b"", 0
-            if incoming:
-                data, start = b"".join((memoryview(data)[start:], *incoming)), 0
-        elif incoming:
-            data, start = (incoming[0] if len(incoming) == 1 else b"".join(incoming)), 0
-        else:
-            return self._lost() if self._eof else NEED_DATA
-        incoming.clear()
-        where = reader.feed(data, start)
-        if reader.failure is not None:
-            self._release_message()
-        if where is not None:  # the end of data: the commands after it, parsed where they lie
-            self._resume_commands(*where)
-            self._state = _ENDING
-        return None
-
-    def _receive_chunk(self) -> Event | NeedData | Closed | None:
-        """A BDAT chunk, through the chunk reader: exactly the announced number of octets."""
-        reader = self._content
-        assert isinstance(reader, ChunkReader)
-        if reader.pieces:
-            return self._data_chunk(reader.pieces)
-        if reader.remaining:
-            buf, pos = self._buf, self._pos
-            if pos < len(buf):
-                self._resume_commands(buf, reader.feed(buf, pos))
-                if reader.failure is not None:
-                    self._release_message()
-                return None
-            return self._lost() if self._eof else NEED_DATA
-        failure = reader.failure
-        if failure is NEED_MAIL or failure is NEED_RCPT:
-            self._state = _COMMAND
-            self._content = None
-            return self._error(LMTP_NEED_RCPT if failure is NEED_RCPT and self.lmtp else failure)
-        if reader.last or failure is not None:  # a failed chunk fails the transaction too
-            self._state = _ENDING
-            return None
-        self._state = _COMMAND
-        self._reply(_r(250, "2.0.0", f"{reader.size} octets received"))
-        return None
-
-    def _data_chunk(self, pieces: list[Piece]) -> DataChunk:
-        """The next settled piece of content, at most :data:`MAX_CHUNK` octets of it."""
-        piece = pieces[0]
-        if len(piece) > MAX_CHUNK:
-            view = memoryview(piece)
-            pieces[0] = view[MAX_CHUNK:]
-            piece = view[:MAX_CHUNK]
-        else:
-            del pieces[0]
-        transaction = self.transaction
-        assert transaction is not None
-        self._chunks += 1
-        return DataChunk(self.session, transaction, piece)
-
-    def _end_content(self) -> Event | None:
-        """The content is complete: its pieces not yet handed on, then the Data event, or the
-        refusal."""
-        reader = self._content
-        assert reader is not None
-        if reader.pieces:
-            return self._data_chunk(reader.pieces)
-        failure = reader.failure
-        transaction = self.transaction
-        if failure is None and transaction is not None and not self._chunks:
-            # An empty message: one empty chunk all the same, so that the message exists
-            # (the App makes it at the first chunk) when Data asks about it.
-            self._chunks = 1
-            return DataChunk(self.session, transaction, b"")
-        self._state = _COMMAND
-        if failure is not None or transaction is None:
-            failure = failure or NEED_MAIL
-            if transaction is not None:
-                transaction.size = reader.size  # for the log: how far it got
-                transaction.refusal = failure[4:].decode("ascii", "replace").rstrip()
-            self._answer_content_failure(failure)
-            self._reset_transaction(int(failure[:3]))
-            return None
-        transaction.size = reader.size
-        return Data(self.session, transaction)
-
     def _refuse_content(self, reply: bytes) -> None:
         """A DataChunk was refused: read the rest of the content, keep nothing of it."""
         reader = self._content
@@ -808,19 +413,52 @@ class Engine:
                 message.close()
 
 
-_COMMANDS = {
-    b"HELO": Engine._cmd_helo,
-    b"EHLO": Engine._cmd_ehlo,
-    b"LHLO": Engine._cmd_lhlo,
-    b"MAIL": Engine._cmd_mail,
-    b"RCPT": Engine._cmd_rcpt,
-    b"DATA": Engine._cmd_data,
-    b"BDAT": Engine._cmd_bdat,
-    b"RSET": Engine._cmd_rset,
-    b"NOOP": Engine._cmd_noop,
-    b"VRFY": Engine._cmd_vrfy,
-    b"EXPN": Engine._cmd_expn,
-    b"HELP": Engine._cmd_help,
-    b"QUIT": Engine._cmd_quit,
-    b"STARTTLS": Engine._cmd_starttls,
-}
+# The names that lived here before the engine was split, importable from here as they were:
+# the reply constants (now in minismtp.replies), Limits, fold_replies, ehlo_keywords.
+__all__ = [
+    "BAD_RECIPIENT",
+    "BAD_SENDER",
+    "BARE_LINE_END_IN_COMMAND",
+    "BDAT_SYNTAX",
+    "BYE",
+    "DATA_AFTER_BDAT",
+    "DATA_GO_AHEAD",
+    "DUPLICATE_RECIPIENT",
+    "EXPN_REPLY",
+    "HELO_SYNTAX",
+    "LINE_TOO_LONG",
+    "LMTP_LHLO_SYNTAX",
+    "LMTP_NEED_LHLO",
+    "LMTP_NEED_RCPT",
+    "LMTP_NOT_SMTP",
+    "MAIL_SYNTAX",
+    "MAX_CHUNK",
+    "NEED_DATA",
+    "NEED_HELO",
+    "NEED_MAIL",
+    "NEED_RCPT",
+    "NEED_SMTPUTF8",
+    "NESTED_MAIL",
+    "NOT_UTF8",
+    "NO_ARGUMENTS",
+    "OK",
+    "PARAMS_NEED_EHLO",
+    "RCPT_SYNTAX",
+    "TLS_ACTIVE",
+    "TLS_GO_AHEAD",
+    "TLS_REQUIRED",
+    "TLS_UNAVAILABLE",
+    "TOO_MANY_ERRORS",
+    "TOO_MANY_JUNK",
+    "TOO_MANY_RECIPIENTS",
+    "UNRECOGNIZED",
+    "VRFY_REPLY",
+    "VRFY_SYNTAX",
+    "Closed",
+    "Engine",
+    "Limits",
+    "NeedData",
+    "StartTLS",
+    "ehlo_keywords",
+    "fold_replies",
+]
