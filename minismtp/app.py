@@ -7,6 +7,9 @@ transaction's :class:`~minismtp.message.Message` (made at the first chunk, our `
 header first, in a spool: memory, then a file); at the :class:`~minismtp.events.Data` event it
 hands the message over (a store, or the channel) and only then answers
 ``250 2.0.0 OK queued as <id>``.
+
+The hook registry the App is built on is :mod:`minismtp.hooks`; the hand-over itself,
+per-recipient outcomes included, is :mod:`minismtp.handoff`.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ import math
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec
 
 import anyio
 import attrs
@@ -36,26 +39,39 @@ from minismtp.events import (
     Handler,
     Helo,
     Mail,
-    Piece,
     Rcpt,
+)
+from minismtp.handoff import hand_over
+from minismtp.hooks import (
+    ConnectHook,
+    DataChunkHook,
+    DataHook,
+    HeloHook,
+    HookResult,
+    Hooks,
+    LifespanHook,
+    MailHook,
+    MessageHook,
+    RcptHook,
+    call_each,
+    resolve,
+    resolve_data,
 )
 from minismtp.ids import new_id
 from minismtp.message import Message
 from minismtp.metrics import Metrics
 from minismtp.middleware import Middleware, MiddlewareFactory, acts_on, next_for_each_event
-from minismtp.outcomes import RecipientReplies, record_recipient_replies, still_accepted
-from minismtp.protocol import Limits, fold_replies
+from minismtp.outcomes import record_recipient_replies
+from minismtp.protocol import Limits
 from minismtp.received import received_header
+from minismtp.replies import LOCAL_ERROR
 from minismtp.spool import Spool
-from minismtp.stores import Store, StoreUnavailable
+from minismtp.stores import Store
 from minismtp.stores.maildir import Maildir
-from minismtp.types import Address, Reply, Session, Transaction, queued_reply
+from minismtp.types import Reply, Session, Transaction
 
 logger = logging.getLogger("minismtp.app")
 
-#: The answer to a hook or middleware that raised, and to a failed hand-over. The text is
-#: generic on purpose: an exception's text may hold anything, and the client sees the reply.
-LOCAL_ERROR = Reply(451, "4.3.0", "Requested action aborted: local error in processing")
 MAIL_OK = Reply(250, "2.1.0", "OK")
 RCPT_OK = Reply(250, "2.1.5", "OK")
 CHUNK_OK = Reply(250, "2.0.0", "OK")  # a DataChunk taken: the engine sends nothing for it
@@ -63,61 +79,10 @@ CHUNK_OK = Reply(250, "2.0.0", "OK")  # a DataChunk taken: the engine sends noth
 INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
 DISCONNECTED = Reply(221, "2.0.0", "Closed")  # the answer to Disconnect, which nobody sends
 
-HookResult = Reply | Awaitable[Reply | None] | None
-ConnectHook = Callable[[Session], HookResult]
-HeloHook = Callable[[Session, str], HookResult]
-MailHook = Callable[[Transaction, Address], HookResult]
-RcptHook = Callable[[Transaction, Address], HookResult]
-DataChunkHook = Callable[[Transaction, Piece], HookResult]
-DataHookResult = Reply | RecipientReplies | Awaitable[Reply | RecipientReplies | None] | None
-DataHook = Callable[[Transaction, Message], DataHookResult]
-MessageHook = Callable[[Message], Awaitable[None] | None]
-LifespanHook = Callable[[], Awaitable[None] | None]
-
-ConnectHookT = TypeVar("ConnectHookT", bound=ConnectHook)
-HeloHookT = TypeVar("HeloHookT", bound=HeloHook)
-MailHookT = TypeVar("MailHookT", bound=MailHook)
-RcptHookT = TypeVar("RcptHookT", bound=RcptHook)
-DataChunkHookT = TypeVar("DataChunkHookT", bound=DataChunkHook)
-DataHookT = TypeVar("DataHookT", bound=DataHook)
-MessageHookT = TypeVar("MessageHookT", bound=MessageHook)
-LifespanHookT = TypeVar("LifespanHookT", bound=LifespanHook)
-
 P = ParamSpec("P")
 
 
-async def _resolve(result: Reply | Awaitable[Reply | None] | None) -> Reply | None:
-    """The Reply (or None) a sync or async hook gave."""
-    if isinstance(result, Reply):
-        return result
-    if inspect.isawaitable(result):
-        result = await result
-    if result is None or isinstance(result, Reply):
-        return result
-    raise TypeError(f"a hook must return None or a Reply, not {result!r}")
-
-
-async def _resolve_data(result: DataHookResult) -> Reply | RecipientReplies | None:
-    """What an ``on_data`` hook gave: a Reply, a mapping of recipients to Replies, or None."""
-    if isinstance(result, Reply):
-        return result
-    if inspect.isawaitable(result):
-        result = await result
-    if result is None or isinstance(result, Reply | Mapping):
-        return result
-    raise TypeError(
-        f"an on_data hook must return None, a Reply or {{recipient: Reply}}, not {result!r}"
-    )
-
-
-async def _call_lifespan_hooks(hooks: list[LifespanHook]) -> None:
-    for hook in hooks:
-        result = hook()
-        if inspect.isawaitable(result):
-            await result
-
-
-class App:
+class App(Hooks):
     """An SMTP application: ``App(hostname="mx.example.com")``.
 
     ``store`` (a :class:`~minismtp.stores.Store`) keeps every accepted message durably before
@@ -160,16 +125,7 @@ class App:
         self.spool_dir = Path(spool_dir) if spool_dir is not None else None
         self._spool_where: tuple[Path | None, bool] | None = None  # while serving
         self.hostname = hostname
-        self._connect_hooks: list[ConnectHook] = []
-        self._helo_hooks: list[HeloHook] = []
-        self._mail_hooks: list[MailHook] = []
-        self._rcpt_hooks: list[RcptHook] = []
-        self._data_chunk_hooks: list[DataChunkHook] = []
-        self._data_hooks: list[DataHook] = []
-        self._message_hooks: list[MessageHook] = []
-        self._disconnect_hooks: list[ConnectHook] = []
-        self._startup_hooks: list[LifespanHook] = []
-        self._shutdown_hooks: list[LifespanHook] = []
+        super().__init__()  # the hook lists
         self._middleware: list[Middleware[Any]] = []
         # Built at the first event: the stack per event class, and for any other class.
         self._stacks: dict[type[Event], Handler] = {}
@@ -219,12 +175,6 @@ class App:
         """
         return self._receive
 
-    @property
-    def message_hooks(self) -> tuple[MessageHook, ...]:
-        """The ``on_message`` hooks, in the order they are called (``minismtp consume`` calls
-        them for each message it reads from a Redis stream)."""
-        return tuple(self._message_hooks)
-
     def add_middleware(
         self, middleware: MiddlewareFactory[P], /, *args: P.args, **options: P.kwargs
     ) -> None:
@@ -232,73 +182,6 @@ class App:
         if self._stack is not None:
             raise RuntimeError("cannot add middleware after the App has started handling events")
         self._middleware.append(Middleware(middleware, args, options, acts_on(middleware)))
-
-    def on_connect(self, hook: ConnectHookT) -> ConnectHookT:
-        """``hook(session)`` for each new connection; a Reply refuses it (e.g. 554)."""
-        self._connect_hooks.append(hook)
-        return hook
-
-    def on_helo(self, hook: HeloHookT) -> HeloHookT:
-        """``hook(session, name)`` for HELO and EHLO (``session.esmtp`` is not yet updated)."""
-        self._helo_hooks.append(hook)
-        return hook
-
-    def on_mail(self, hook: MailHookT) -> MailHookT:
-        """``hook(transaction, sender)`` for MAIL FROM."""
-        self._mail_hooks.append(hook)
-        return hook
-
-    def on_rcpt(self, hook: RcptHookT) -> RcptHookT:
-        """``hook(transaction, recipient)`` for each RCPT TO."""
-        self._rcpt_hooks.append(hook)
-        return hook
-
-    def on_data_chunk(self, hook: DataChunkHookT) -> DataChunkHookT:
-        """``hook(transaction, chunk)`` for each piece of content as it streams in.
-
-        ``chunk`` is bytes or a memoryview of at most 256 KiB (dot-unstuffed, CRLF line
-        ends). A Reply other than 2xx refuses the message: the rest of the content is read
-        and dropped, and the client gets that reply at the end of the data.
-        """
-        self._data_chunk_hooks.append(hook)
-        return hook
-
-    def on_data(self, hook: DataHookT) -> DataHookT:
-        """``hook(transaction, message)`` with the whole message, before it is accepted.
-
-        ``message`` is the :class:`~minismtp.message.Message` in its spool: ``headers``,
-        ``open()``, ``chunks()``, ``data`` (which loads it). A Reply answers instead of the
-        hand-over: a refusal, or a 2xx to accept and discard.
-
-        A mapping ``{recipient: Reply}`` (keys: the Address objects of ``transaction.rcpt_to``)
-        answers those recipients alone; the others go on to the next hook and the hand-over.
-        LMTP gives each recipient its reply; SMTP folds them (see :mod:`minismtp.outcomes`).
-        """
-        self._data_hooks.append(hook)
-        return hook
-
-    def on_disconnect(self, hook: ConnectHookT) -> ConnectHookT:
-        """``hook(session)`` once for each connection that got ``on_connect``, when it ends
-        (see :class:`~minismtp.events.Disconnect`); what it returns is ignored."""
-        self._disconnect_hooks.append(hook)
-        return hook
-
-    def on_message(self, hook: MessageHookT) -> MessageHookT:
-        """``hook(message)`` for each accepted message, read from the channel while serving.
-
-        One consumer task calls the ``on_message`` hooks in order, message after message; an
-        exception is logged and the next message goes on.
-        """
-        self._message_hooks.append(hook)
-        return hook
-
-    def on_startup(self, hook: LifespanHookT) -> LifespanHookT:
-        self._startup_hooks.append(hook)
-        return hook
-
-    def on_shutdown(self, hook: LifespanHookT) -> LifespanHookT:
-        self._shutdown_hooks.append(hook)
-        return hook
 
     # -- the handler --------------------------------------------------------------------------
 
@@ -356,14 +239,14 @@ class App:
     async def _on_connect(self, event: Connect) -> Reply:
         for hook in self._connect_hooks:
             result = hook(event.session)
-            if result is not None and (reply := await _resolve(result)) is not None:
+            if result is not None and (reply := await resolve(result)) is not None:
                 return reply
         return self._lmtp_greeting if event.session.lmtp else self._greeting
 
     async def _on_helo(self, event: Helo) -> Reply:
         for hook in self._helo_hooks:
             result = hook(event.session, event.name)
-            if result is not None and (reply := await _resolve(result)) is not None:
+            if result is not None and (reply := await resolve(result)) is not None:
                 return reply
         if not event.esmtp:
             return self._helo_reply
@@ -378,14 +261,14 @@ class App:
     async def _on_mail(self, event: Mail) -> Reply:
         for hook in self._mail_hooks:
             result = hook(event.transaction, event.address)
-            if result is not None and (reply := await _resolve(result)) is not None:
+            if result is not None and (reply := await resolve(result)) is not None:
                 return reply
         return MAIL_OK
 
     async def _on_rcpt(self, event: Rcpt) -> Reply:
         for hook in self._rcpt_hooks:
             result = hook(event.transaction, event.address)
-            if result is not None and (reply := await _resolve(result)) is not None:
+            if result is not None and (reply := await resolve(result)) is not None:
                 return reply
         return RCPT_OK
 
@@ -394,7 +277,7 @@ class App:
         chunk = event.chunk
         for hook in self._data_chunk_hooks:
             result = hook(transaction, chunk)
-            if result is not None and (reply := await _resolve(result)) is not None:
+            if result is not None and (reply := await resolve(result)) is not None:
                 return reply
         message = transaction.message
         try:
@@ -418,16 +301,16 @@ class App:
         transaction = event.transaction
         for hook in self._data_hooks:
             result = hook(transaction, message)
-            if result is not None and (outcome := await _resolve_data(result)) is not None:
+            if result is not None and (outcome := await resolve_data(result)) is not None:
                 if isinstance(outcome, Reply):
                     return outcome
                 if outcome:
                     record_recipient_replies(transaction, outcome, hook)
-        return await self._accept(event, message)
+        return await hand_over(self, event, message)
 
     async def _on_disconnect(self, event: Disconnect) -> Reply:
         for hook in self._disconnect_hooks:
-            await _resolve(hook(event.session))
+            await resolve(hook(event.session))
         return DISCONNECTED
 
     # -- the terminal handler -----------------------------------------------------------------
@@ -465,52 +348,6 @@ class App:
             return directory, False
         return self.spool_dir, True
 
-    async def _accept(self, event: Data, message: Message) -> Reply:
-        transaction = event.transaction
-        if transaction.recipient_replies and not _for_the_others(transaction, message):
-            return _every_recipient_refused(transaction)
-        store = self.store
-        try:
-            if store is None:
-                self._send.send_nowait(message)  # the usual hand-over: no coroutine for it
-            else:
-                answers = await store.put(message)
-                if answers:
-                    record_recipient_replies(transaction, answers, store)
-                    if not _for_the_others(transaction, message):
-                        return _every_recipient_refused(transaction)
-                self._notify(message)
-        except StoreUnavailable as exc:
-            logger.debug("message %s not stored: %s; answered 451", message.id, exc)
-            return LOCAL_ERROR
-        except (OSError, anyio.ClosedResourceError, anyio.BrokenResourceError):
-            logger.exception("could not hand over message %s; answered 451", message.id)
-            return LOCAL_ERROR
-        transaction.message_id = message.id
-        if transaction.recipient_replies and not event.session.lmtp:
-            _log_untold_refusals(message)
-        if logger.isEnabledFor(logging.DEBUG):
-            # DEBUG: the server logs one INFO line per transaction, with the reply and timing.
-            logger.debug(
-                "accepted %s peer=%s helo=%s from=<%s> to=%s size=%d",
-                message.id,
-                message.peer[0],
-                message.helo_name,
-                message.mail_from,
-                ",".join(f"<{rcpt}>" for rcpt in message.rcpt_to),
-                message.size,
-            )
-        return queued_reply(message.id)
-
-    def _notify(self, message: Message) -> None:
-        """A stored message goes to the ``on_message`` consumers too, if there are any."""
-        if self._message_hooks:
-            try:
-                self._send.send_nowait(message)
-            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                # Stored already: the 250 stands; only the notification is lost.
-                logger.warning("message %s stored, but on_message consumers are gone", message.id)
-
     # -- serving ------------------------------------------------------------------------------
 
     def _channel_depth(self) -> int:
@@ -541,7 +378,7 @@ class App:
                 self._open_channel()
             await self._open_storage()
             self._spool_where = self._spool_place()
-            await _call_lifespan_hooks(self._startup_hooks)
+            await call_each(self._startup_hooks)
             consumer_errors: list[Exception] = []
             body_error: Exception | None = None
             try:
@@ -560,7 +397,7 @@ class App:
                     raise body_error
             finally:
                 try:
-                    await _call_lifespan_hooks(self._shutdown_hooks)
+                    await call_each(self._shutdown_hooks)
                 finally:
                     if self.store is not None:
                         await self.store.close()
@@ -608,42 +445,32 @@ class App:
                     return
 
 
-def _for_the_others(transaction: Transaction, message: Message) -> bool:
-    """Point ``message`` at the recipients no outcome has refused, and record the outcomes on
-    it; False when there is nobody left to hand it over for."""
-    message.recipient_replies = transaction.recipient_replies
-    accepted = still_accepted(transaction)
-    if len(accepted) != len(message.rcpt_to):
-        params = dict(zip(transaction.rcpt_to, transaction.rcpt_params, strict=True))
-        message.rcpt_to = tuple(accepted)
-        message.rcpt_params = tuple(params[address] for address in accepted)
-    return bool(accepted)
-
-
-def _every_recipient_refused(transaction: Transaction) -> Reply:
-    """The reply when every recipient was refused after the data: their fold (in LMTP the
-    engine sends each its own, and this one goes nowhere)."""
-    outcomes = transaction.recipient_replies
-    return fold_replies(LOCAL_ERROR, [outcomes[address] for address in transaction.rcpt_to])
-
-
-def _log_untold_refusals(message: Message) -> None:
-    """SMTP has one reply per message: a recipient refused after the data, in a message taken
-    for others, is not told to the sender by us. Say so, loudly (see minismtp.outcomes)."""
-    refusals = {a: r for a, r in message.recipient_replies.items() if not 200 <= r.code < 300}
-    if refusals:
-        logger.warning(
-            "message %s accepted for %s; refused after the data, which SMTP cannot tell the "
-            "sender (a bounce is the receiver's to send): %s",
-            message.id,
-            ",".join(f"<{address}>" for address in message.rcpt_to),
-            "; ".join(f"<{address}> {reply}" for address, reply in refusals.items()),
-        )
-
-
 def default_app(maildir: str | os.PathLike[str] = "./maildir", hostname: str | None = None) -> App:
     """What ``minismtp run`` serves without an app: every message stored in ``maildir``.
 
     The server logs one line per transaction (logger ``minismtp.server``).
     """
     return App(hostname=hostname or socket.gethostname(), maildir=maildir)
+
+
+# The hook types and LOCAL_ERROR moved out (minismtp.hooks, minismtp.replies) are importable
+# from here as they were.
+__all__ = [
+    "CHUNK_OK",
+    "DISCONNECTED",
+    "INSUFFICIENT_STORAGE",
+    "LOCAL_ERROR",
+    "MAIL_OK",
+    "RCPT_OK",
+    "App",
+    "ConnectHook",
+    "DataChunkHook",
+    "DataHook",
+    "HeloHook",
+    "HookResult",
+    "LifespanHook",
+    "MailHook",
+    "MessageHook",
+    "RcptHook",
+    "default_app",
+]

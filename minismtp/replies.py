@@ -64,6 +64,10 @@ UNSUPPORTED_PARAMETER = encoded(555, "5.5.4", "Unsupported parameter")
 
 # -- the server layer's -------------------------------------------------------------------------
 
+#: The answer to a hook or middleware that raised, and to a failed hand-over. The text is
+#: generic on purpose: an exception's text may hold anything, and the client sees the reply.
+LOCAL_ERROR = Reply(451, "4.3.0", "Requested action aborted: local error in processing")
+
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 DATA_TOO_SLOW = Reply(421, "4.4.2", "Data rate too low, closing connection")
 SESSION_TOO_LONG = Reply(421, "4.4.2", "Session time limit exceeded, closing connection")
@@ -74,6 +78,7 @@ TALKED_FIRST = Reply(554, "5.5.1", "Protocol error: talked before greeting")
 __all__ = [
     "DATA_TOO_SLOW",
     "IDLE_TIMEOUT",
+    "LOCAL_ERROR",
     "SESSION_TOO_LONG",
     "SHUTTING_DOWN",
     "TALKED_FIRST",

@@ -37,6 +37,7 @@ import anyio
 import anyio.to_thread
 import attrs
 
+from minismtp.replies import LOCAL_ERROR
 from minismtp.spool import STALE_AFTER, Spool, clean_directory
 from minismtp.stores.maildir import _safe_hostname, unique_name
 from minismtp.types import Address, Reply
@@ -48,7 +49,6 @@ logger = logging.getLogger("minismtp.stores.mailboxes")
 
 NO_SUCH_MAILBOX = Reply(550, "5.1.1", "No such mailbox")
 MAILBOX_FULL = Reply(452, "4.2.2", "Mailbox full")
-LOCAL_ERROR = Reply(451, "4.3.0", "Requested action aborted: local error in processing")
 
 #: Where a recipient's mail goes: a Maildir's path, or None for "no such mailbox".
 MailboxMap = Callable[[Address], "str | os.PathLike[str] | None"]

@@ -7,7 +7,6 @@ What it promises (at-least-once delivery, claims, dead letters) is written in
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import socket
@@ -21,6 +20,7 @@ import attrs
 from anyio.abc import TaskStatus
 
 from minismtp.app import App
+from minismtp.hooks import call_each
 from minismtp.message import Message
 from minismtp.spool import Spool
 from minismtp.stores.redis_entry import Entry, build_message
@@ -35,10 +35,7 @@ DEFAULT_GROUP = "minismtp"
 async def call_hooks(app: App, message: Message) -> None:
     """The App's ``on_message`` hooks with ``message``, in order; the first exception is raised
     and the hooks after it are not called."""
-    for hook in app.message_hooks:
-        result = hook(message)
-        if inspect.isawaitable(result):
-            await result
+    await call_each(app.message_hooks, message)
 
 
 @attrs.define(eq=False)
