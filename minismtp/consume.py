@@ -45,7 +45,7 @@ logger = logging.getLogger("minismtp.consume")
 
 def add_parser(commands: Any) -> None:
     """``minismtp consume``'s options, on the CLI's subcommands."""
-    from minismtp import cli
+    from minismtp.cli_parser import LOG_LEVELS, LOOPS, _positive_int, _seconds
 
     consume = commands.add_parser(
         "consume",
@@ -73,7 +73,7 @@ def add_parser(commands: Any) -> None:
     )
     consume.add_argument(
         "--claim-after",
-        type=cli._seconds,
+        type=_seconds,
         default=60.0,
         metavar="SECONDS",
         help="take over entries pending this long with another consumer, or after a failed "
@@ -81,7 +81,7 @@ def add_parser(commands: Any) -> None:
     )
     consume.add_argument(
         "--max-deliveries",
-        type=cli._positive_int,
+        type=_positive_int,
         default=5,
         metavar="N",
         help="after N deliveries without success, move the entry to the dead-letter stream "
@@ -94,7 +94,7 @@ def add_parser(commands: Any) -> None:
     )
     consume.add_argument(
         "--batch",
-        type=cli._positive_int,
+        type=_positive_int,
         default=1,
         metavar="N",
         help="entries read at a time; on SIGTERM the ones not begun are delivered again "
@@ -113,21 +113,22 @@ def add_parser(commands: Any) -> None:
         help="where a body kept in a Redis key is copied for the hooks (default: the system's "
         "temporary directory)",
     )
-    consume.add_argument("--loop", choices=cli.LOOPS, default="auto", help="event loop")
+    consume.add_argument("--loop", choices=LOOPS, default="auto", help="event loop")
     consume.add_argument(
-        "--log-level", choices=cli.LOG_LEVELS, default="info", help="(default: %(default)s)"
+        "--log-level", choices=LOG_LEVELS, default="info", help="(default: %(default)s)"
     )
 
 
 def main(args: argparse.Namespace) -> int:
     """``minismtp consume``: problems found before consuming are one line and exit status 2."""
-    from minismtp import cli
+    from minismtp.cli_loading import choose_loop, import_app
+    from minismtp.cli_parser import UsageError
 
     try:
-        backend, backend_options, loop_name = cli.choose_loop(args.loop)
-        app = cli.import_app(args.app, factory=args.factory)
+        backend, backend_options, loop_name = choose_loop(args.loop)
+        app = import_app(args.app, factory=args.factory)
         if not isinstance(app, App):
-            raise cli.UsageError(f"{args.app} is not a minismtp App")
+            raise UsageError(f"{args.app} is not a minismtp App")
         try:
             consumer = Consumer.from_url(
                 app,
@@ -141,10 +142,10 @@ def main(args: argparse.Namespace) -> int:
                 spool_dir=args.spool_dir,
             )
         except ValueError as exc:
-            raise cli.UsageError(str(exc)) from None
+            raise UsageError(str(exc)) from None
         except ImportError as exc:
-            raise cli.UsageError(str(exc)) from None
-    except cli.UsageError as exc:
+            raise UsageError(str(exc)) from None
+    except UsageError as exc:
         print(f"minismtp: error: {exc}", file=sys.stderr)
         return 2
     try:

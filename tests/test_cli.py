@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from minismtp.cli import _bind_problem, _hostname
+from minismtp.cli_listeners import bind_problem
+from minismtp.cli_parser import _hostname
 from tests.helpers.certs import Certificates, RenewedCertificate, issue_certificates
 from tests.helpers.processes import minismtp, run, unprivileged
 
@@ -486,7 +487,7 @@ PRIVILEGED = (
 
 def test_a_privileged_port_names_the_ways_out() -> None:
     denied = PermissionError(errno.EACCES, "Permission denied")
-    assert _bind_problem("--metrics-port", "--metrics-host", "127.0.0.1", 80, denied) == (
+    assert bind_problem("--metrics-port", "--metrics-host", "127.0.0.1", 80, denied) == (
         f"127.0.0.1:80 (--metrics-port): {PRIVILEGED}"
     )
 
