@@ -24,7 +24,6 @@ A body over ``inline_max`` is written in pieces from the spool (``SET ... EX``, 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,6 +42,8 @@ def _peer_text(peer: tuple[str, int]) -> str:
 
 def entry_fields(message: Message) -> list[Arg]:
     """The fields of ``message``'s entry, without the body, as XADD arguments."""
+    import json  # not at the top: minismtp run loads this module (consume's parser) in every server
+
     fields: list[Arg] = [
         "id",
         message.id,
@@ -117,6 +118,8 @@ class Entry:
 
     def envelope(self) -> dict[str, Any]:
         """The keyword arguments of the Message, but for its body (ValueError if malformed)."""
+        import json
+
         try:
             rcpt_to = json.loads(self.text("rcpt_to"))
             mail_params = json.loads(self.text("mail_params", "{}"))
