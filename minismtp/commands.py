@@ -65,7 +65,7 @@ from minismtp.types import Transaction
 if TYPE_CHECKING:
     from minismtp.protocol import Engine
 
-Handler = Callable[["Engine", bytes], Event | StartTLS | Closed | None]
+CommandHandler = Callable[["Engine", bytes], Event | StartTLS | Closed | None]
 
 
 @functools.lru_cache(maxsize=16)
@@ -300,7 +300,7 @@ def cmd_starttls(engine: Engine, arg: bytes) -> StartTLS | Closed | None:
 #: The handler of each verb: ``handler(engine, arg)`` queues replies, moves the engine on,
 #: and returns an App event, StartTLS, Closed, or None (the engine goes on with the next
 #: command).
-COMMANDS: dict[bytes, Handler] = {
+COMMANDS: dict[bytes, CommandHandler] = {
     b"HELO": cmd_helo,
     b"EHLO": cmd_ehlo,
     b"LHLO": cmd_lhlo,
