@@ -356,10 +356,14 @@ def _address_key(host: str) -> str | None:
     """What the per-address limit counts a client by: its IPv4 address, an IPv6 client by its
     /64 (what one site or one customer is usually given, so a host cannot step round the
     limit by changing its interface identifier), an IPv4-mapped one as IPv4; None for a
-    unix-domain socket's client, which has no address."""
+    unix-domain socket's client, which has no address (or a path)."""
     if ":" not in host:
-        return host or None  # the kernel's dotted quad is canonical already
-    address = ipaddress.IPv6Address(host.split("%", 1)[0])
+        # The kernel's dotted quad is canonical already.
+        return host if host[:1].isdigit() else None
+    try:
+        address = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return None
     if address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
     return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))

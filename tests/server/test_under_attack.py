@@ -157,6 +157,8 @@ def test_the_limit_counts_an_ipv6_client_by_its_64() -> None:
     assert _address_key("::ffff:192.0.2.7") == "192.0.2.7"  # a dual-stack listener's IPv4
     assert _address_key("fe80::1%2") == "fe80::/64"
     assert _address_key("") is None  # a unix-domain socket's client: not counted
+    assert _address_key("/run/client.sock") is None
+    assert _address_key("/run/odd:name") is None
 
 
 # -- stress ------------------------------------------------------------------------------------
