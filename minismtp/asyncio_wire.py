@@ -15,7 +15,6 @@ from typing import cast
 import anyio
 import attrs
 
-from minismtp.replies import TOO_MANY_CONNECTIONS
 from minismtp.tls import TLSConfig, TLSHandshakeFailed, tls_info
 from minismtp.types import TLSInfo
 from minismtp.wires import Acceptor, peer_address
@@ -217,8 +216,9 @@ class Accept:
         if acceptor.stopping:
             transport.abort()
             return
-        if not acceptor.admit(peer):
-            transport.write(bytes(TOO_MANY_CONNECTIONS))
+        refusal = acceptor.admit(peer)
+        if refusal is not None:
+            transport.write(bytes(refusal))
             transport.close()
             return
         local = peer_address(transport.get_extra_info("sockname"))

@@ -212,6 +212,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         idle_timeout=args.timeout,
         max_connections=args.max_connections,
+        max_connections_per_address=args.max_connections_per_address,
         shutdown_grace=args.shutdown_grace,
         proxy_protocol=args.proxy_protocol,
         proxy_trusted=trusted,

@@ -248,7 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=_DEFAULTS.max_connections,
         metavar="N",
-        help="concurrent connections; more get 421 4.7.0 (default: %(default)s)",
+        help="concurrent connections; more get 421 4.7.0 (default: %(default)s); past 80%% "
+        "of them, idle and data-rate timeouts shrink to 10 s until the load falls",
+    )
+    limits.add_argument(
+        "--max-connections-per-address",
+        type=_octets,
+        default=_DEFAULTS.max_connections_per_address,
+        metavar="N",
+        help="concurrent connections from one client address (an IPv6 client: its /64); "
+        "more get 421 4.7.0; 0: no limit (default: %(default)s)",
     )
     limits.add_argument(
         "--shutdown-grace",

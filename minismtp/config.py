@@ -25,6 +25,14 @@ class ServerConfig:
     min_data_rate: float = 500.0  # bytes/s during DATA/BDAT, as Postfix; 0: the idle timeout
     max_session_duration: float | None = 3600.0
     max_connections: int = 1000
+    # From one client address (an IPv6 client: its /64), as Postfix's
+    # smtpd_client_connection_count_limit; 0: no limit.
+    max_connections_per_address: int = 50
+    # More than stress_threshold * max_connections open: the server is under stress (Postfix's
+    # word) and the idle timeout and the data-rate deadline shrink to stress_idle_timeout
+    # (Postfix: 300 s -> 10 s), so idle and trickling clients give their slots back. 1.0: never.
+    stress_threshold: float = 0.8
+    stress_idle_timeout: float = 10.0
     shutdown_grace: float = 30.0  # seconds a transaction in progress gets to finish
     # After the grace period and the 421s, how long sessions get to end before they are
     # cancelled outright (a client that stopped reading, an App call that hangs). It also

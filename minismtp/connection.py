@@ -114,7 +114,7 @@ class Connection:
         config = self.host.config
         cap = config.max_session_duration
         self._session_deadline = _now() + cap if cap is not None else _NEVER
-        self._idle_timeout = config.idle_timeout
+        self._idle_timeout = self.host.idle_timeout
         self._min_data_rate = config.min_data_rate
 
     @classmethod
@@ -156,6 +156,12 @@ class Connection:
         """End the session at once, whatever it is doing, without a last reply."""
         self._closing = None
         self.cancel_scope.cancel()
+
+    def hurry(self, timeout: float) -> None:
+        """The server came under stress: the read under way ends ``timeout`` after it began,
+        at the latest, as if it had begun under stress."""
+        if self._reading and self.deadline < _NEVER:
+            self.deadline = min(self.deadline, self._read_started + timeout)
 
     def time_out(self) -> None:
         self.deadline = _NEVER
@@ -334,14 +340,15 @@ class Connection:
     def _begin_read(self) -> None:
         """Set the deadline of the read about to start (the server's clock enforces it)."""
         started = self._read_started = _now()
+        idle = self._idle_timeout = self.host.idle_timeout  # shorter while under stress
         if self._min_data_rate and self.engine.receiving_data:
-            if not self._receiving:
-                self._receiving = True
-                self._data_credit = self._idle_timeout
-            deadline, reply = started + self._data_credit, DATA_TOO_SLOW
+            credit = min(self._data_credit, idle) if self._receiving else idle
+            self._data_credit = credit
+            self._receiving = True
+            deadline, reply = started + credit, DATA_TOO_SLOW
         else:
             self._receiving = False
-            deadline, reply = started + self._idle_timeout, IDLE_TIMEOUT
+            deadline, reply = started + idle, IDLE_TIMEOUT
         if self._session_deadline < deadline:
             deadline, reply = self._session_deadline, SESSION_TOO_LONG
         self.deadline = deadline

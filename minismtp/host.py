@@ -68,6 +68,11 @@ class Host(Protocol):
     def require_tls(self) -> bool: ...
 
     @property
+    def idle_timeout(self) -> float:
+        """The idle timeout in force for a read that starts now: ``config.idle_timeout``, or
+        less while the server is under stress (``ServerConfig.stress_idle_timeout``)."""
+
+    @property
     def metrics(self) -> Metrics: ...
 
     @property

@@ -73,6 +73,7 @@ DATA_TOO_SLOW = Reply(421, "4.4.2", "Data rate too low, closing connection")
 SESSION_TOO_LONG = Reply(421, "4.4.2", "Session time limit exceeded, closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Server shutting down, closing connection")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_FROM_ADDRESS = Reply(421, "4.7.0", "Too many connections from your address")
 TALKED_FIRST = Reply(554, "5.5.1", "Protocol error: talked before greeting")
 
 __all__ = [
@@ -83,4 +84,5 @@ __all__ = [
     "SHUTTING_DOWN",
     "TALKED_FIRST",
     "TOO_MANY_CONNECTIONS",
+    "TOO_MANY_FROM_ADDRESS",
 ]

@@ -13,7 +13,10 @@ What the server layer owns, because it owns the clock and the sockets:
   extends it by ``len(chunk) / min_data_rate`` seconds, up to the idle timeout again, so an
   upload that keeps flowing at that rate is never cut while a trickle is;
 - a cap on the duration of a whole session;
-- a bound on concurrent connections (past it, ``421 4.7.0`` and close at once);
+- a bound on concurrent connections (past it, ``421 4.7.0`` and close at once), and one on
+  those from each client address (an IPv6 client: its /64);
+- under stress (more than ``stress_threshold`` of the connections taken), shorter idle and
+  data-rate deadlines (``stress_idle_timeout``), as Postfix does;
 - STARTTLS (RFC 3207) and implicit TLS on a second port (RFC 8314);
 - graceful shutdown: stop accepting, let transactions in progress finish within a grace
   period, answer ``421 4.3.2`` to what remains, then let the App drain its channel.
@@ -29,6 +32,7 @@ Use it as ``async with serve(app, host, port) as server:``, or through the seed'
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -49,9 +53,9 @@ from minismtp.config import ServerConfig
 from minismtp.connection import Connection, serve_connection
 from minismtp.host import FastPath, ServableApp
 from minismtp.metrics import Metrics
-from minismtp.replies import SHUTTING_DOWN
+from minismtp.replies import SHUTTING_DOWN, TOO_MANY_CONNECTIONS, TOO_MANY_FROM_ADDRESS
 from minismtp.tls import TLSConfig
-from minismtp.types import Message
+from minismtp.types import Message, Reply
 from minismtp.unix import UnixSocket, bind_unix_socket
 from minismtp.wires import StartSession, Wire, accept_streams, peer_address, running_asyncio
 
@@ -91,9 +95,22 @@ class Server:
     _idle: anyio.Event | None = None
     _accepting: anyio.CancelScope | None = None
     _clock: anyio.CancelScope | None = None
-    _refused: int = 0  # connections refused since the last log line about it
     _asyncio_servers: list[asyncio.Server] = attrs.field(factory=list)
-    _refusals_logged_at: float = float("-inf")
+    _refusals: _Refusals = attrs.field(factory=lambda: _Refusals("--max-connections"))
+    _address_refusals: _Refusals = attrs.field(
+        factory=lambda: _Refusals("--max-connections-per-address")
+    )
+    _per_address: dict[str, int] = attrs.field(factory=dict)  # open, by _address_key()
+    #: The idle timeout in force: ``config.idle_timeout``, or ``stress_idle_timeout`` while
+    #: :attr:`under_stress` (the connections read it at every read).
+    idle_timeout: float = attrs.field(init=False)
+    under_stress: bool = attrs.field(default=False, init=False)
+    _stress_above: float = attrs.field(init=False)  # more open than this: stress
+    _stressed_at: float = float("-inf")  # when more were open, last seen
+
+    def __attrs_post_init__(self) -> None:
+        self.idle_timeout = self.config.idle_timeout
+        self._stress_above = self.config.stress_threshold * self.config.max_connections
 
     @property
     def port(self) -> int:
@@ -178,7 +195,7 @@ class Server:
         of its length late is still the same timeout.
         """
         config = self.config
-        period = config.idle_timeout
+        period = min(config.idle_timeout, config.stress_idle_timeout)
         if config.max_session_duration is not None:
             period = min(period, config.max_session_duration)
         period = max(0.01, min(1.0, period / 10))
@@ -190,6 +207,11 @@ class Server:
                 for connection in list(self._connections):
                     if connection.deadline <= now:
                         connection.time_out()
+                if self.under_stress:
+                    if self._active > self._stress_above:
+                        self._stressed_at = now
+                    elif now - self._stressed_at >= self.idle_timeout:
+                        self._end_stress()
 
     # -- accepting ------------------------------------------------------------------------
 
@@ -219,28 +241,62 @@ class Server:
                 accepting.start_soon(accept, self, listener, implicit_tls, start)
             task_status.started()
 
-    def admit(self, peer: tuple[str, int]) -> bool:
-        """Count the connection from ``peer`` in; False (the refusal noted) when all
-        ``max_connections`` are taken."""
-        if self._active >= self.config.max_connections:
-            self._note_refusal(peer)
-            return False
+    def admit(self, peer: tuple[str, int]) -> Reply | None:
+        """Count the connection from ``peer`` in; or the reply that refuses it (the refusal
+        noted): all ``max_connections`` are taken, or ``max_connections_per_address`` from
+        its address. Every accept path calls it; :meth:`handle` counts the connection out."""
+        config = self.config
+        if self._active >= config.max_connections:
+            self._refusals.note(peer[0], self._active)
+            return TOO_MANY_CONNECTIONS
+        if config.max_connections_per_address:
+            key = _address_key(peer[0])
+            if key is not None:
+                count = self._per_address.get(key, 0)
+                if count >= config.max_connections_per_address:
+                    self._address_refusals.note(key, count)
+                    return TOO_MANY_FROM_ADDRESS
+                self._per_address[key] = count + 1
         self._active += 1
-        return True
+        if self._active > self._stress_above:
+            self._stressed_at = _now()
+            if not self.under_stress:
+                self._begin_stress()
+        return None
 
-    def _note_refusal(self, peer: tuple[str, int]) -> None:
-        # One line per ten seconds at most: a flood must not flood the log as well.
-        self._refused += 1
-        now = _now()
-        if now - self._refusals_logged_at >= 10.0:
-            log.warning(
-                "refused %d connection(s), the last from %s: %d open (--max-connections)",
-                self._refused,
-                peer[0],
-                self._active,
-            )
-            self._refused = 0
-            self._refusals_logged_at = now
+    def _release(self, peer: tuple[str, int]) -> None:
+        key = _address_key(peer[0])
+        if key is not None:
+            count = self._per_address.pop(key, 0) - 1
+            if count > 0:
+                self._per_address[key] = count
+
+    def _begin_stress(self) -> None:
+        """Past the threshold: reads that start from now on get the short timeout, and so
+        do the reads under way (counted from their start), so idle clients go first."""
+        config = self.config
+        self.under_stress = True
+        timeout = self.idle_timeout = min(config.idle_timeout, config.stress_idle_timeout)
+        log.warning(
+            "under stress: %d of %d connections open (--max-connections); idle and data-rate "
+            "timeouts cut to %g s until the load falls",
+            self._active,
+            config.max_connections,
+            timeout,
+        )
+        for connection in self._connections:
+            connection.hurry(timeout)
+
+    def _end_stress(self) -> None:
+        # Called by the clock once no more than the threshold have been open for a whole
+        # stress timeout: a load that hovers at the threshold does not log a line per client.
+        self.under_stress = False
+        self.idle_timeout = self.config.idle_timeout
+        log.info(
+            "stress over: %d connections open; timeouts back to %g s",
+            self._active,
+            self.idle_timeout,
+        )
 
     async def handle(
         self,
@@ -258,6 +314,8 @@ class Server:
         finally:
             metrics.connection_closed()
             self._active -= 1
+            if self.config.max_connections_per_address:
+                self._release(peer)
             if not self._active and self._idle is not None:
                 self._idle.set()
 
@@ -266,6 +324,49 @@ class Server:
 
     def untrack(self, connection: Connection) -> None:
         self._connections.discard(connection)
+
+
+@attrs.define
+class _Refusals:
+    """Connections refused for one limit: a flood must not flood the log as well, so one line
+    per ten seconds at most."""
+
+    option: str
+    count: int = 0  # since the last line
+    logged_at: float = float("-inf")
+
+    def note(self, source: str, open_: int) -> None:
+        self.count += 1
+        now = _now()
+        if now - self.logged_at >= 10.0:
+            where = " from that address" if self.option.endswith("address") else ""
+            log.warning(
+                "refused %d connection(s), the last from %s: %d open%s (%s)",
+                self.count,
+                source,
+                open_,
+                where,
+                self.option,
+            )
+            self.count = 0
+            self.logged_at = now
+
+
+def _address_key(host: str) -> str | None:
+    """What the per-address limit counts a client by: its IPv4 address, an IPv6 client by its
+    /64 (what one site or one customer is usually given, so a host cannot step round the
+    limit by changing its interface identifier), an IPv4-mapped one as IPv4; None for a
+    unix-domain socket's client, which has no address (or a path)."""
+    if ":" not in host:
+        # The kernel's dotted quad is canonical already.
+        return host if host[:1].isdigit() else None
+    try:
+        address = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
 
 
 async def _bind(

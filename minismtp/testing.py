@@ -202,6 +202,10 @@ class _Host:
     require_tls: bool = False
     stopping: bool = False
 
+    @property
+    def idle_timeout(self) -> float:
+        return self.config.idle_timeout
+
     def track(self, connection: Connection) -> None:
         pass
 

@@ -16,7 +16,6 @@ import anyio
 import attrs
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 
-from minismtp.replies import TOO_MANY_CONNECTIONS
 from minismtp.tls import TLSConfig, TLSHandshakeFailed
 from minismtp.types import TLSInfo
 from minismtp.wires import (
@@ -209,12 +208,13 @@ async def accept_sockets(
         if connection.family in (socket.AF_INET, socket.AF_INET6):
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = peer_address(address)
-        if not acceptor.admit(peer):
+        refusal = acceptor.admit(peer)
+        if refusal is not None:
             # Answered here, not in a new task, so a flood costs no unbounded work. A new
             # connection's buffer takes the line at once, or the client is gone.
             if not implicit_tls:  # on the TLS port a plaintext reply would be noise
                 with contextlib.suppress(OSError):
-                    connection.send(bytes(TOO_MANY_CONNECTIONS))
+                    connection.send(bytes(refusal))
             connection.close()
             continue
         local = peer_address(connection.getsockname())

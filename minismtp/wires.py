@@ -25,9 +25,8 @@ from anyio.streams.buffered import BufferedByteStream
 from anyio.streams.tls import TLSAttribute
 
 from minismtp.config import ServerConfig
-from minismtp.replies import TOO_MANY_CONNECTIONS
 from minismtp.tls import TLSConfig, tls_info
-from minismtp.types import TLSInfo
+from minismtp.types import Reply, TLSInfo
 
 if TYPE_CHECKING:
     from minismtp.connection import FastPath
@@ -71,8 +70,9 @@ class Acceptor(Protocol):
     @property
     def stopping(self) -> bool: ...
 
-    def admit(self, peer: tuple[str, int]) -> bool:
-        """Count the connection from ``peer`` in; False when the server is full (refuse it)."""
+    def admit(self, peer: tuple[str, int]) -> Reply | None:
+        """Count the connection from ``peer`` in; or the reply that refuses it (the server is
+        full, or holds too many from that address)."""
 
     def handle(
         self,
@@ -148,13 +148,14 @@ async def accept_streams(
             await anyio.sleep(0.1)
             continue
         peer = peer_address(stream.extra(SocketAttribute.remote_address))
-        if not acceptor.admit(peer):
+        refusal = acceptor.admit(peer)
+        if refusal is not None:
             # Answered here, not in a new task, so a flood costs no unbounded work.
             with anyio.move_on_after(1.0):
                 # On the implicit TLS port a plaintext reply would be noise: just close.
                 if not implicit_tls:
                     with contextlib.suppress(anyio.BrokenResourceError, OSError):
-                        await stream.send(bytes(TOO_MANY_CONNECTIONS))
+                        await stream.send(bytes(refusal))
             await anyio.aclose_forcefully(stream)
             continue
         local = peer_address(stream.extra(SocketAttribute.local_address))

@@ -84,6 +84,23 @@ def test_limits_and_hostname_options_reach_the_wire(tmp_path: Path) -> None:
         assert server.stop() == 0
 
 
+def test_the_embedded_default_limits_connections_per_address(tmp_path: Path) -> None:
+    """Postfix's default (50) unless told; here 2, and a client from elsewhere still served."""
+    with run("--max-connections-per-address", "2", cwd=tmp_path) as server:
+        address = ("127.0.0.1", server.port)
+        with socket.create_connection(address) as one, socket.create_connection(address) as two:
+            for client in (one, two):
+                client.settimeout(10)
+                assert client.recv(1024).startswith(b"220 ")
+            with socket.create_connection(address, timeout=10) as third:
+                assert third.recv(1024) == b"421 4.7.0 Too many connections from your address\r\n"
+                assert third.recv(1024) == b""
+            with smtplib.SMTP(*address, timeout=10, source_address=("127.0.0.2", 0)) as other:
+                other.sendmail("a@example.com", ["b@example.com"], BODY)
+        server.wait_for("stderr", r"the last from 127\.0\.0\.1: 2 open from that address")
+        assert server.stop() == 0
+
+
 def test_sigterm_during_a_transaction_lets_it_finish_then_exits_0(tmp_path: Path) -> None:
     with run(cwd=tmp_path) as server:
         client = smtplib.SMTP("127.0.0.1", server.port, timeout=10)
@@ -328,6 +345,14 @@ HELP = " (see 'minismtp run --help')"
             "(10.1.2.3/8 has host bits set)",
         ),
         (("--workers", "0"), "argument --workers: must be at least 1: 0" + HELP),
+        (
+            ("--max-connections-per-address", "-1"),
+            "argument --max-connections-per-address: must not be negative: -1" + HELP,
+        ),
+        (
+            ("--max-connections-per-address", "many"),
+            "argument --max-connections-per-address: not a whole number: 'many'" + HELP,
+        ),
         (
             ("--hostname", "bad host name"),
             "argument --hostname: not a domain name or an address literal like [192.0.2.1]: "
@@ -618,7 +643,7 @@ def test_help_explains_every_option() -> None:
         "--timeout", "--max-connections", "--log-level", "--factory", "--tls-cert",
         "--tls-key", "--tls-port", "--require-tls", "--loop", "--shutdown-grace",
         "--proxy-protocol", "--proxy-trusted", "--proxy-timeout", "--workers", "--metrics-port",
-        "--metrics-host", "--bare-lf",
+        "--metrics-host", "--bare-lf", "--max-connections-per-address",
     ]  # fmt: skip
     for option in options:
         # The option, perhaps its metavar or choices, then at least four words saying what

@@ -185,7 +185,8 @@ def _trio_session(server: Server, tasks: TaskGroup, messages: int, pipelining: b
 
 async def run(messages: int, pipelining: bool, sessions: int, use_bare: bool) -> float:
     target = bare if use_bare else app
-    server = Server(target, ServerConfig())
+    # Every session comes from 127.0.0.1: no per-address limit.
+    server = Server(target, ServerConfig(max_connections_per_address=0))
     new_session = _asyncio_session if _running_asyncio() else _trio_session
     async with target.serving(), anyio.create_task_group() as tasks:
         clients = []

@@ -100,7 +100,10 @@ def targets(redis: Redis, workdir: Path, run_id: str) -> dict[str, tuple[Target,
     """Each target with where its messages land (a stream name, or a Maildir path)."""
     stream_m, stream_a = f"bench-minismtp-{run_id}", f"bench-aiosmtpd-{run_id}"
     maildir = workdir / f"maildir-{run_id}"
-    common = ("--port", "0", "--loop", "auto", "--max-connections", "4096")
+    common = (
+        "--port", "0", "--loop", "auto", "--max-connections", "4096",
+        "--max-connections-per-address", "0",
+    )  # fmt: skip
     return {
         "minismtp-redis": (
             Target(

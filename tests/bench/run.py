@@ -74,7 +74,10 @@ def all_targets(smtp_sink: str | None, minismtp_args: Sequence[str] = ()) -> dic
     ]
 
     def minismtp(name: str, label: str, app: str, loop: str) -> Target:
-        options = ("--port", "0", "--loop", loop, "--max-connections", "4096", *minismtp_args)
+        options = (
+            "--port", "0", "--loop", loop, "--max-connections", "4096",
+            "--max-connections-per-address", "0", *minismtp_args,
+        )  # fmt: skip
         return Target(name, label, (*minismtp_command(), "run", app, *options))
 
     for loop in ("auto", "asyncio", "uvloop", "trio"):
