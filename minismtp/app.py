@@ -80,6 +80,8 @@ INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
 DISCONNECTED = Reply(221, "2.0.0", "Closed")  # the answer to Disconnect, which nobody sends
 
 P = ParamSpec("P")
+# A stage's hooks, and the App's own answer to its events when there are none.
+_Immediate = tuple[list[Any], Callable[[Any], Reply]]
 
 
 class App(Hooks):
@@ -130,6 +132,8 @@ class App(Hooks):
         # Built at the first event: the stack per event class, and for any other class.
         self._stacks: dict[type[Event], Handler] = {}
         self._stack: Handler | None = None
+        # Built with the stacks: per event class, the App's answer when it need not wait.
+        self._immediate: dict[type[Event], _Immediate] = {}
         self._routes: dict[type[Event], Callable[[Any], Awaitable[Reply]]] = {
             Connect: self._on_connect,
             Helo: self._on_helo,
@@ -198,16 +202,44 @@ class App(Hooks):
         except Exception:
             if raise_exceptions:
                 raise
-            self.metrics.hook_errors += 1
-            logger.exception(
-                "error while handling %s from %s (session %s)",
-                type(event).__name__,
-                event.session.peer_host,
-                event.session.id,
-            )
-            return LOCAL_ERROR
+            return self._failed(event)
 
     __call__ = handle
+
+    def answer_now(self, event: Event, *, raise_exceptions: bool = False) -> Reply | None:
+        """The reply :meth:`handle` would give ``event``, when the App can give it without
+        waiting; else None (then await :meth:`handle`, which has not been called).
+
+        That is so for the events of a stage with no hooks that no middleware acts on (see
+        ``acts_on``): a ``DataChunk`` without ``on_data_chunk`` hooks is written into the
+        spool, a ``MAIL`` without ``on_mail`` hooks is accepted. The connection driver asks
+        here first: an App call that is a coroutine costs a few microseconds even when it
+        never waits, and content arrives in several chunks per message.
+        """
+        if self._stack is None:
+            self._build_stack()
+        immediate = self._immediate.get(type(event))
+        if immediate is None:
+            return None
+        hooks, answer = immediate
+        if hooks:  # registered since the stack was built
+            return None
+        try:
+            return answer(event)
+        except Exception:
+            if raise_exceptions:
+                raise
+            return self._failed(event)
+
+    def _failed(self, event: Event) -> Reply:
+        self.metrics.hook_errors += 1
+        logger.exception(
+            "error while handling %s from %s (session %s)",
+            type(event).__name__,
+            event.session.peer_host,
+            event.session.id,
+        )
+        return LOCAL_ERROR
 
     def _build_stack(self) -> Handler:
         """Build the middleware once, innermost first; keep, per event class, the handler an
@@ -227,7 +259,21 @@ class App(Hooks):
             stack = handler
         self._stacks = stacks
         self._stack = stack
+        self._immediate = {
+            kind: immediate
+            for kind, immediate in self._answers_without_hooks().items()
+            if stacks.get(kind) is self._routes[kind]
+        }
         return stack
+
+    def _answers_without_hooks(self) -> dict[type[Event], _Immediate]:
+        """Per stage that has them: its hooks, and the App's own answer when there are none."""
+        return {
+            Helo: (self._helo_hooks, self._greet),
+            Mail: (self._mail_hooks, lambda event: MAIL_OK),
+            Rcpt: (self._rcpt_hooks, lambda event: RCPT_OK),
+            DataChunk: (self._data_chunk_hooks, self._spool_chunk),
+        }
 
     def _route(self, event: Event) -> Awaitable[Reply]:
         # Not a coroutine itself: the hooks' coroutine is what the middleware awaits.
@@ -248,6 +294,10 @@ class App(Hooks):
             result = hook(event.session, event.name)
             if result is not None and (reply := await resolve(result)) is not None:
                 return reply
+        return self._greet(event)
+
+    def _greet(self, event: Helo) -> Reply:
+        """The reply to HELO or EHLO, the extensions the engine offers listed."""
         if not event.esmtp:
             return self._helo_reply
         keywords = event.keywords
@@ -279,11 +329,16 @@ class App(Hooks):
             result = hook(transaction, chunk)
             if result is not None and (reply := await resolve(result)) is not None:
                 return reply
+        return self._spool_chunk(event)
+
+    def _spool_chunk(self, event: DataChunk) -> Reply:
+        """Write the chunk into the transaction's message, made at the first chunk."""
+        transaction = event.transaction
         message = transaction.message
         try:
             if message is None:
                 message = transaction.message = self.build_message(event.session, transaction)
-            message.write(chunk)
+            message.write(event.chunk)
         except OSError as exc:
             # A full disk: the client keeps the message and tries again later; the spool is
             # closed already, and the session goes on.

@@ -263,6 +263,10 @@ class Connection:
                 self.transactions_ended()
             if event is NEED_DATA or not isinstance(event, Event) or isinstance(event, Connect):
                 return event
+            reply = app.answer_now(event)
+            if reply is not None:
+                self._answer(event, reply)
+                continue
             call = app(event)
             try:
                 waiting_on = call.send(None)

@@ -33,6 +33,10 @@ class SessionApp(Protocol):
 
     async def __call__(self, event: Event, /) -> Reply: ...
 
+    def answer_now(self, event: Event, /) -> Reply | None:
+        """The reply to ``event`` if it needs no waiting, else None (then the connection
+        awaits the App's call): asked first for every event."""
+
 
 class ServableApp(SessionApp, Protocol):
     """What the server needs of an App (:class:`minismtp.app.App` is one).

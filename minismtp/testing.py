@@ -179,15 +179,25 @@ class _Answers:
         try:
             reply = await client.app.handle(event, raise_exceptions=client.raise_server_exceptions)
         except Exception as exc:
-            # Answered as the server would, so that the test may go on with this session;
-            # the test gets the exception instead of the 451 (TestClient._drive).
-            client._raised.append(exc)
-            return LOCAL_ERROR
+            return self._raised(exc)
         if isinstance(event, Data) and 200 <= reply.code < 300:
             transaction = event.transaction
             if transaction.message_id is not None and transaction.message is not None:
                 client.messages.append(transaction.message)
         return reply
+
+    def answer_now(self, event: Event) -> Reply | None:
+        client = self.client
+        try:
+            return client.app.answer_now(event, raise_exceptions=client.raise_server_exceptions)
+        except Exception as exc:
+            return self._raised(exc)
+
+    def _raised(self, exc: Exception) -> Reply:
+        # Answered as the server would, so that the test may go on with this session;
+        # the test gets the exception instead of the 451 (TestClient._drive).
+        self.client._raised.append(exc)
+        return LOCAL_ERROR
 
 
 @attrs.define(eq=False)

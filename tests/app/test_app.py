@@ -421,6 +421,37 @@ async def test_app_call_never_raises_but_raise_mode_does() -> None:
         await app.handle(event, raise_exceptions=True)
 
 
+async def test_answers_given_at_once_only_where_nothing_is_on_the_way() -> None:
+    """``answer_now`` answers a stage without hooks that no middleware acts on, as
+    ``handle`` would; else it leaves the event to ``handle`` (None)."""
+    app = App()
+    app.add_middleware(FailsOnMail)  # acts on every event: nothing is answered at once
+    session = Session()
+    sender = Address("a", "example.org")
+    mail = Mail(session, Transaction(session, sender), sender, {})
+    assert app.answer_now(mail) is None
+    bare = App()
+    assert bare.answer_now(mail) == await bare.handle(mail) == Reply(250, "2.1.0", "OK")
+    assert bare.answer_now(Connect(session)) is None  # the greeting's hooks may wait
+    bare.on_mail(lambda tx, sender: None)
+    assert bare.answer_now(mail) is None  # a hook added after the first event counts
+
+
+async def test_a_bug_in_an_answer_given_at_once_is_raised_into_the_test() -> None:
+    app = App()
+
+    def build_message(session: Session, tx: Transaction) -> Message:
+        raise Boom("spool bug")
+
+    app.build_message = build_message  # type: ignore[method-assign]
+    with pytest.raises(Boom, match="spool bug"):
+        async with TestClient(app) as client:
+            await one_message(client)
+    async with TestClient(app, raise_server_exceptions=False) as client:
+        assert (await one_message(client)) == LOCAL_ERROR
+    assert app.metrics.hook_errors == 1
+
+
 async def test_raise_mode_puts_the_exception_in_the_test_and_the_session_goes_on() -> None:
     app = App()
 

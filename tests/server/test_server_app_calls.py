@@ -16,8 +16,8 @@ import anyio.lowlevel
 import pytest
 
 from minismtp.app import App
-from minismtp.server import serve
 from minismtp.message import Message
+from minismtp.server import serve
 from minismtp.types import Address, Reply, Session, Transaction
 from tests.helpers.backends import with_uvloop
 from tests.helpers.clients import Connect, WireClient, drain
@@ -176,3 +176,61 @@ async def test_a_hook_that_raises_after_waiting_gives_451_and_the_session_goes_o
         assert (await client.command("RCPT TO:<b@example.com>")).startswith("451 4.3.0")
         assert (await client.command("RCPT TO:<b@example.com>")).startswith("250 2.1.5")
     assert server.metrics.hook_errors == 1
+
+
+# -- answers given at once (App.answer_now) ---------------------------------------------------
+
+
+async def test_a_hook_registered_after_the_first_message_is_called(
+    app: App, connect: Connect
+) -> None:
+    """Stages without hooks are answered without an App call; a hook added while serving
+    must still be reached."""
+    async with serve(app, "127.0.0.1", 0) as server, connect(server.port) as client:
+        await greeted(client)
+        assert (await send_message(client))[-1].startswith("250 ")
+        seen: list[str] = []
+
+        @app.on_rcpt
+        def refuse(tx: Transaction, rcpt: Address) -> Reply:
+            seen.append(str(rcpt))
+            return Reply(550, "5.1.1", "No such user")
+
+        @app.on_data_chunk
+        def count(tx: Transaction, chunk: bytes | memoryview) -> None:
+            seen.append(f"chunk {len(chunk)}")
+
+        assert (await client.command("MAIL FROM:<a@example.com>")).startswith("250 ")
+        assert (await client.command("RCPT TO:<late@example.com>")).startswith("550 5.1.1")
+        assert (await client.command("RCPT TO:<x@example.com>")).startswith("550 5.1.1")
+        app._rcpt_hooks.clear()
+        assert (await client.command("RCPT TO:<y@example.com>")).startswith("250 ")
+        assert (await client.command("DATA")).startswith("354 ")
+        assert (await client.command("Subject: t\r\n\r\nhello\r\n.")).startswith("250 ")
+    assert seen == ["late@example.com", "x@example.com", "chunk 21"]
+    assert [m.rcpt_to for m in drain(server)] == [
+        (Address("b", "example.com"),),
+        (Address("y", "example.com"),),
+    ]
+
+
+async def test_an_error_while_spooling_at_once_gives_451_and_the_session_goes_on(
+    app: App, connect: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No hook at the chunk stage: the chunk is written without an App call, and a bug
+    there is answered as one in a hook is (logged, counted, 451), at the end of the data."""
+    build = app.build_message
+    failures = [RuntimeError("a bug")]
+
+    def build_message(session: Session, tx: Transaction) -> Message:
+        if failures:
+            raise failures.pop()
+        return build(session, tx)
+
+    monkeypatch.setattr(app, "build_message", build_message)
+    async with serve(app, "127.0.0.1", 0) as server, connect(server.port) as client:
+        await greeted(client)
+        assert (await send_message(client))[-1].startswith("451 4.3.0")
+        assert (await send_message(client))[-1].startswith("250 ")
+    assert app.metrics.hook_errors == 1
+    assert len(drain(server)) == 1
