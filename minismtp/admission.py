@@ -55,6 +55,9 @@ class Admission:
     under_stress: bool = attrs.field(default=False, init=False)
     #: The per-address limit counts peers at accept (no PROXY header to wait for).
     _by_peer: bool = attrs.field(init=False)
+    #: The per-address limit counts the client a PROXY header names, once it is read
+    #: (:meth:`client_slot`).
+    by_client: bool = attrs.field(init=False)
     _stress_above: float = attrs.field(init=False)  # more open than this: stress
     _stressed_at: float = attrs.field(default=float("-inf"), init=False)  # more open, last seen
     _refusals: _Refusals = attrs.field(factory=lambda: _Refusals("--max-connections"), init=False)
@@ -65,13 +68,10 @@ class Admission:
     def __attrs_post_init__(self) -> None:
         config = self.config
         self.idle_timeout = config.idle_timeout
-        self._by_peer = bool(config.max_connections_per_address) and not config.proxy_protocol
+        limited = config.max_connections_per_address > 0
+        self._by_peer = limited and not config.proxy_protocol
+        self.by_client = limited and config.proxy_protocol
         self._stress_above = config.stress_threshold * config.max_connections
-
-    @property
-    def by_client(self) -> bool:
-        """The per-address limit waits for the client's address in a PROXY header."""
-        return bool(self.config.max_connections_per_address) and self.config.proxy_protocol
 
     def admit(self, peer: tuple[str, int]) -> Reply | None:
         """Count the connection from ``peer`` in; or the reply that refuses it (the refusal

@@ -256,8 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_octets,
         default=_DEFAULTS.max_connections_per_address,
         metavar="N",
-        help="concurrent connections from one client address (an IPv6 client: its /64); "
-        "more get 421 4.7.0; 0: no limit (default: %(default)s)",
+        help="concurrent connections from one client address (an IPv6 client: its /64; "
+        "with --proxy-protocol, the client its header names); more get 421 4.7.0; 0: no "
+        "limit (default: %(default)s)",
     )
     limits.add_argument(
         "--shutdown-grace",

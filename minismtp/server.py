@@ -261,11 +261,17 @@ class Server:
         """Serve an admitted connection (see :func:`~minismtp.connection.serve_connection`)."""
         metrics = self.metrics
         admission = self._admission
+        # Behind a PROXY balancer every peer is the balancer: the per-address limit counts
+        # the client its header names, once the driver has read it.
+        client = admission.client_slot() if admission.by_client else None
+        admit_client = client.take if client is not None else None
         metrics.connection_opened()
         try:
-            await serve_connection(self, wire, peer, local, implicit_tls, fast_path)
+            await serve_connection(self, wire, peer, local, implicit_tls, fast_path, admit_client)
         finally:
             metrics.connection_closed()
+            if client is not None:
+                client.release()
             admission.release(peer)
             if not admission.active and self._idle is not None:
                 self._idle.set()
