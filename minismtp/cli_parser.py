@@ -49,7 +49,13 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         # One line, not argparse's usage block: the user asked for --help if they want it.
-        self.exit(2, f"minismtp: error: {message} (see '{self.prog} --help')\n")
+        self.exit(2, usage_error(self.prog, message))
+
+
+def usage_error(prog: str, message: str) -> str:
+    """The line a usage error prints: the message, and the --help of ``prog`` (the command,
+    or a subcommand: ``minismtp run``)."""
+    return f"minismtp: error: {message} (see '{prog} --help')\n"
 
 
 N = TypeVar("N", int, float)
@@ -383,11 +389,4 @@ def build_parser() -> argparse.ArgumentParser:
     from minismtp import consume
 
     consume.add_parser(commands)
-    return parser
-
-
-def subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
-    for action in parser._subparsers._group_actions if parser._subparsers else ():
-        if isinstance(action, argparse._SubParsersAction):
-            return action.choices[name]  # type: ignore[no-any-return]
     return parser
