@@ -16,8 +16,8 @@ import anyio.lowlevel
 import pytest
 
 from minismtp.app import App
-from minismtp.server import serve
 from minismtp.message import Message
+from minismtp.server import serve
 from minismtp.types import Address, Reply, Session, Transaction
 from tests.helpers.backends import with_uvloop
 from tests.helpers.clients import Connect, WireClient, drain
