@@ -240,7 +240,9 @@ class Server:
     def admit(self, peer: tuple[str, int]) -> Reply | None:
         """Count the connection from ``peer`` in; or the reply that refuses it (the refusal
         noted): all ``max_connections`` are taken, or ``max_connections_per_address`` from
-        its address. Every accept path calls it; :meth:`handle` counts the connection out."""
+        its address (behind a PROXY balancer, from the client its header names: counted in
+        :meth:`handle` once the header is read). Every accept path calls it; :meth:`handle`
+        counts the connection out."""
         return self._admission.admit(peer)
 
     def _stress_changed(self, idle_timeout: float) -> None:
