@@ -46,7 +46,7 @@ from minismtp.cli_parser import (
     UsageError,
     build_parser,
     resolve_tcp,
-    subparser,
+    usage_error,
 )
 from minismtp.metrics import serve_metrics
 from minismtp.server import ServableApp, Server, serve
@@ -181,9 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        # Said by the subcommand's parser, so that the hint names its own --help.
-        subcommand = subparser(parser, args.command) if args.command else parser
-        subcommand.error(f"unrecognized arguments: {' '.join(unknown)}")
+        # argparse would say it as the top parser; the hint names the subcommand's --help.
+        prog = f"{parser.prog} {args.command}" if args.command else parser.prog
+        parser.exit(2, usage_error(prog, f"unrecognized arguments: {' '.join(unknown)}"))
     if args.command == "run":
         resolve_tcp(args)
     if args.command is None:

@@ -49,7 +49,13 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         # One line, not argparse's usage block: the user asked for --help if they want it.
-        self.exit(2, f"minismtp: error: {message} (see '{self.prog} --help')\n")
+        self.exit(2, usage_error(self.prog, message))
+
+
+def usage_error(prog: str, message: str) -> str:
+    """The line a usage error prints: the message, and the --help of ``prog`` (the command,
+    or a subcommand: ``minismtp run``)."""
+    return f"minismtp: error: {message} (see '{prog} --help')\n"
 
 
 N = TypeVar("N", int, float)
@@ -256,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_octets,
         default=_DEFAULTS.max_connections_per_address,
         metavar="N",
-        help="concurrent connections from one client address (an IPv6 client: its /64); "
-        "more get 421 4.7.0; 0: no limit (default: %(default)s)",
+        help="concurrent connections from one client address (an IPv6 client: its /64; "
+        "with --proxy-protocol, the client its header names); more get 421 4.7.0; 0: no "
+        "limit (default: %(default)s)",
     )
     limits.add_argument(
         "--shutdown-grace",
@@ -382,11 +389,4 @@ def build_parser() -> argparse.ArgumentParser:
     from minismtp import consume
 
     consume.add_parser(commands)
-    return parser
-
-
-def subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
-    for action in parser._subparsers._group_actions if parser._subparsers else ():
-        if isinstance(action, argparse._SubParsersAction):
-            return action.choices[name]  # type: ignore[no-any-return]
     return parser

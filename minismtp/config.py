@@ -26,7 +26,8 @@ class ServerConfig:
     max_session_duration: float | None = 3600.0
     max_connections: int = 1000
     # From one client address (an IPv6 client: its /64), as Postfix's
-    # smtpd_client_connection_count_limit; 0: no limit.
+    # smtpd_client_connection_count_limit; with proxy_protocol, the client the header names,
+    # counted once it is read; 0: no limit.
     max_connections_per_address: int = 50
     # More than stress_threshold * max_connections open: the server is under stress (Postfix's
     # word) and the idle timeout and the data-rate deadline shrink to stress_idle_timeout

@@ -18,7 +18,7 @@ Invariants:
 - A connection whose ``Connect`` event reached the App gets exactly one ``Disconnect``
   (:meth:`Connection.finish`), whatever ended it: QUIT, a timeout, a reset, a shutdown, a
   refusal, an exception. A connection closed before that (the server full, a bad PROXY
-  header, a failed implicit TLS handshake) gets neither.
+  header, too many from the client it names, a failed implicit TLS handshake) gets neither.
 - :meth:`Connection.finish` ends the engine's open transaction (``engine.close()``), so what
   the transaction holds is released on every path.
 """
@@ -29,6 +29,7 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -447,10 +448,12 @@ async def serve_connection(
     local: tuple[str, int],
     implicit_tls: bool = False,
     fast_path: FastPath | None = None,
+    admit_client: Callable[[tuple[str, int]], Reply | None] | None = None,
 ) -> None:
     """Serve one accepted connection to its end; the wire is closed on return.
 
-    The PROXY header first when the host expects one, then the dialogue inside the
+    The PROXY header first when the host expects one (then ``admit_client`` with the client
+    it names: a reply refuses the connection, sent and closed), then the dialogue inside the
     connection's cancel scope (timeouts and shutdown cancel it, and a last reply follows),
     then :meth:`Connection.finish`.
     """
@@ -465,6 +468,12 @@ async def serve_connection(
                 host.metrics.proxy_errors += 1
                 return
             peer, local = addresses
+            refusal = admit_client(peer) if admit_client is not None else None
+            if refusal is not None:
+                if not implicit_tls:  # on the TLS port a plaintext reply would be noise
+                    with anyio.move_on_after(1.0), contextlib.suppress(*_LOST):
+                        await wire.send(bytes(refusal))
+                return
         connection = Connection.new(host, wire, peer, local, fast_path=fast_path)
         host.track(connection)
         with connection.cancel_scope:

@@ -192,35 +192,30 @@ def _parse_v1(data: bytes | bytearray) -> tuple[ProxyHeader, int] | None:
         # The spec says the receiver must ignore whatever follows UNKNOWN up to the CRLF.
         return ProxyHeader(1, Command.PROXY, Family.UNSPEC), newline + 1
     if protocol == b"TCP4":
-        family, host = Family.INET, _v1_ipv4
+        family = Family.INET
     elif protocol == b"TCP6":
-        family, host = Family.INET6, _v1_ipv6
+        family = Family.INET6
     else:
         raise ProxyError(f"PROXY v1 protocol must be TCP4, TCP6 or UNKNOWN, not {protocol!r}")
     if len(fields) != 6:
         raise ProxyError("PROXY v1 header needs exactly: protocol, two addresses, two ports")
-    source = (host(fields[2]), _v1_port(fields[4]))
-    destination = (host(fields[3]), _v1_port(fields[5]))
+    source = (_v1_address(fields[2], family), _v1_port(fields[4]))
+    destination = (_v1_address(fields[3], family), _v1_port(fields[5]))
     return ProxyHeader(1, Command.PROXY, family, source, destination), newline + 1
 
 
-def _v1_ipv4(text: bytes) -> str:
+def _v1_address(text: bytes, family: Family) -> str:
+    """A v1 address of ``family`` (INET: TCP4, INET6: TCP6), in the form ipaddress writes."""
+    v4 = family is Family.INET
     # ipaddress refuses leading zeros (ambiguous: octal to inet_aton) and out-of-range octets.
-    if _IPV4_CHARS.fullmatch(text):
+    if (_IPV4_CHARS if v4 else _IPV6_CHARS).fullmatch(text):
+        parse = ipaddress.IPv4Address if v4 else ipaddress.IPv6Address
         try:
-            return str(ipaddress.IPv4Address(text.decode("ascii")))
+            return str(parse(text.decode("ascii")))
         except ValueError:
             pass
-    raise ProxyError(f"PROXY v1 TCP4 address is not an IPv4 address: {text!r}")
-
-
-def _v1_ipv6(text: bytes) -> str:
-    if _IPV6_CHARS.fullmatch(text):
-        try:
-            return str(ipaddress.IPv6Address(text.decode("ascii")))
-        except ValueError:
-            pass
-    raise ProxyError(f"PROXY v1 TCP6 address is not an IPv6 address: {text!r}")
+    n = 4 if v4 else 6
+    raise ProxyError(f"PROXY v1 TCP{n} address is not an IPv{n} address: {text!r}")
 
 
 def _v1_port(text: bytes) -> int:

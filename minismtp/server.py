@@ -1,4 +1,4 @@
-"""The network server's lifecycle: listeners, the clock, limits, shutdown.
+"""The network server's lifecycle: listeners, the clock, shutdown.
 
 It runs on any anyio backend (asyncio, asyncio with uvloop, trio) and never parses SMTP
 itself: each connection is served by the driver in :mod:`minismtp.connection`, which feeds
@@ -13,10 +13,9 @@ What the server layer owns, because it owns the clock and the sockets:
   extends it by ``len(chunk) / min_data_rate`` seconds, up to the idle timeout again, so an
   upload that keeps flowing at that rate is never cut while a trickle is;
 - a cap on the duration of a whole session;
-- a bound on concurrent connections (past it, ``421 4.7.0`` and close at once), and one on
-  those from each client address (an IPv6 client: its /64);
-- under stress (more than ``stress_threshold`` of the connections taken), shorter idle and
-  data-rate deadlines (``stress_idle_timeout``), as Postfix does;
+- which connections it takes (:mod:`minismtp.admission`): a bound on concurrent connections
+  (past it, ``421 4.7.0`` and close at once) and one on those from each client address, and
+  under stress shorter idle and data-rate deadlines, as Postfix does;
 - STARTTLS (RFC 3207) and implicit TLS on a second port (RFC 8314);
 - graceful shutdown: stop accepting, let transactions in progress finish within a grace
   period, answer ``421 4.3.2`` to what remains, then let the App drain its channel.
@@ -32,7 +31,6 @@ Use it as ``async with serve(app, host, port) as server:``, or through the seed'
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
 import socket
@@ -48,12 +46,13 @@ import attrs
 from anyio.abc import SocketAttribute, SocketListener
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from minismtp.admission import Admission
 from minismtp.app import App
 from minismtp.config import ServerConfig
 from minismtp.connection import Connection, serve_connection
 from minismtp.host import FastPath, ServableApp
 from minismtp.metrics import Metrics
-from minismtp.replies import SHUTTING_DOWN, TOO_MANY_CONNECTIONS, TOO_MANY_FROM_ADDRESS
+from minismtp.replies import SHUTTING_DOWN
 from minismtp.tls import TLSConfig
 from minismtp.types import Message, Reply
 from minismtp.unix import UnixSocket, bind_unix_socket
@@ -87,7 +86,6 @@ class Server:
     unix_paths: list[str] = attrs.field(factory=list)
     _listeners: list[tuple[SocketListener, bool]] = attrs.field(factory=list)
     _connections: set[Connection] = attrs.field(factory=set)
-    _active: int = 0  # accepted and not yet closed, TLS handshakes included
     #: True once :meth:`stop` has begun (read it, do not set it). A plain attribute, not a
     #: property: every connection looks at it before each event.
     stopping: bool = attrs.field(default=False, init=False)
@@ -96,21 +94,15 @@ class Server:
     _accepting: anyio.CancelScope | None = None
     _clock: anyio.CancelScope | None = None
     _asyncio_servers: list[asyncio.Server] = attrs.field(factory=list)
-    _refusals: _Refusals = attrs.field(factory=lambda: _Refusals("--max-connections"))
-    _address_refusals: _Refusals = attrs.field(
-        factory=lambda: _Refusals("--max-connections-per-address")
-    )
-    _per_address: dict[str, int] = attrs.field(factory=dict)  # open, by _address_key()
+    _admission: Admission = attrs.field(init=False)
     #: The idle timeout in force: ``config.idle_timeout``, or ``stress_idle_timeout`` while
-    #: :attr:`under_stress` (the connections read it at every read).
+    #: :attr:`under_stress`. The admission's, kept here as a plain attribute: every read of
+    #: every connection looks at it.
     idle_timeout: float = attrs.field(init=False)
-    under_stress: bool = attrs.field(default=False, init=False)
-    _stress_above: float = attrs.field(init=False)  # more open than this: stress
-    _stressed_at: float = float("-inf")  # when more were open, last seen
 
     def __attrs_post_init__(self) -> None:
-        self.idle_timeout = self.config.idle_timeout
-        self._stress_above = self.config.stress_threshold * self.config.max_connections
+        self._admission = Admission(self.config, self._stress_changed)
+        self.idle_timeout = self._admission.idle_timeout
 
     @property
     def port(self) -> int:
@@ -130,7 +122,13 @@ class Server:
     @property
     def connections(self) -> int:
         """Connections open right now."""
-        return self._active
+        return self._admission.active
+
+    @property
+    def under_stress(self) -> bool:
+        """More than ``config.stress_threshold`` of the connections are taken, or were a
+        stress timeout ago: shorter idle and data-rate deadlines (:mod:`minismtp.admission`)."""
+        return self._admission.under_stress
 
     def reload_tls(self) -> bool:
         """Read the certificate and key again for new connections (the CLI's SIGHUP)."""
@@ -160,7 +158,7 @@ class Server:
                 if not connection.engine.in_transaction:
                     connection.interrupt(SHUTTING_DOWN)
             if not await self._wait_closed(grace):
-                log.info("closing %d connection(s) still busy after %g s", self._active, grace)
+                log.info("closing %d connection(s) still busy after %g s", self.connections, grace)
                 self.abort()
                 if not await self._wait_closed(self.config.shutdown_cancel_after):
                     for connection in list(self._connections):
@@ -178,7 +176,7 @@ class Server:
 
     async def _wait_closed(self, within: float | None) -> bool:
         with anyio.move_on_after(within):
-            while self._active:
+            while self._admission.active:
                 self._idle = anyio.Event()
                 await self._idle.wait()
             return True
@@ -199,6 +197,7 @@ class Server:
         if config.max_session_duration is not None:
             period = min(period, config.max_session_duration)
         period = max(0.01, min(1.0, period / 10))
+        admission = self._admission
         with anyio.CancelScope() as self._clock:
             task_status.started()
             while True:
@@ -207,11 +206,8 @@ class Server:
                 for connection in list(self._connections):
                     if connection.deadline <= now:
                         connection.time_out()
-                if self.under_stress:
-                    if self._active > self._stress_above:
-                        self._stressed_at = now
-                    elif now - self._stressed_at >= self.idle_timeout:
-                        self._end_stress()
+                if admission.under_stress:
+                    admission.watch_stress(now)
 
     # -- accepting ------------------------------------------------------------------------
 
@@ -244,59 +240,17 @@ class Server:
     def admit(self, peer: tuple[str, int]) -> Reply | None:
         """Count the connection from ``peer`` in; or the reply that refuses it (the refusal
         noted): all ``max_connections`` are taken, or ``max_connections_per_address`` from
-        its address. Every accept path calls it; :meth:`handle` counts the connection out."""
-        config = self.config
-        if self._active >= config.max_connections:
-            self._refusals.note(peer[0], self._active)
-            return TOO_MANY_CONNECTIONS
-        if config.max_connections_per_address:
-            key = _address_key(peer[0])
-            if key is not None:
-                count = self._per_address.get(key, 0)
-                if count >= config.max_connections_per_address:
-                    self._address_refusals.note(key, count)
-                    return TOO_MANY_FROM_ADDRESS
-                self._per_address[key] = count + 1
-        self._active += 1
-        if self._active > self._stress_above:
-            self._stressed_at = _now()
-            if not self.under_stress:
-                self._begin_stress()
-        return None
+        its address (behind a PROXY balancer, from the client its header names: counted in
+        :meth:`handle` once the header is read). Every accept path calls it; :meth:`handle`
+        counts the connection out."""
+        return self._admission.admit(peer)
 
-    def _release(self, peer: tuple[str, int]) -> None:
-        key = _address_key(peer[0])
-        if key is not None:
-            count = self._per_address.pop(key, 0) - 1
-            if count > 0:
-                self._per_address[key] = count
-
-    def _begin_stress(self) -> None:
-        """Past the threshold: reads that start from now on get the short timeout, and so
-        do the reads under way (counted from their start), so idle clients go first."""
-        config = self.config
-        self.under_stress = True
-        timeout = self.idle_timeout = min(config.idle_timeout, config.stress_idle_timeout)
-        log.warning(
-            "under stress: %d of %d connections open (--max-connections); idle and data-rate "
-            "timeouts cut to %g s until the load falls",
-            self._active,
-            config.max_connections,
-            timeout,
-        )
-        for connection in self._connections:
-            connection.hurry(timeout)
-
-    def _end_stress(self) -> None:
-        # Called by the clock once no more than the threshold have been open for a whole
-        # stress timeout: a load that hovers at the threshold does not log a line per client.
-        self.under_stress = False
-        self.idle_timeout = self.config.idle_timeout
-        log.info(
-            "stress over: %d connections open; timeouts back to %g s",
-            self._active,
-            self.idle_timeout,
-        )
+    def _stress_changed(self, idle_timeout: float) -> None:
+        self.idle_timeout = idle_timeout
+        if self._admission.under_stress:
+            # The reads under way end as if they had begun under stress: idle clients go first.
+            for connection in self._connections:
+                connection.hurry(idle_timeout)
 
     async def handle(
         self,
@@ -308,15 +262,20 @@ class Server:
     ) -> None:
         """Serve an admitted connection (see :func:`~minismtp.connection.serve_connection`)."""
         metrics = self.metrics
+        admission = self._admission
+        # Behind a PROXY balancer every peer is the balancer: the per-address limit counts
+        # the client its header names, once the driver has read it.
+        client = admission.client_slot() if admission.by_client else None
+        admit_client = client.take if client is not None else None
         metrics.connection_opened()
         try:
-            await serve_connection(self, wire, peer, local, implicit_tls, fast_path)
+            await serve_connection(self, wire, peer, local, implicit_tls, fast_path, admit_client)
         finally:
             metrics.connection_closed()
-            self._active -= 1
-            if self.config.max_connections_per_address:
-                self._release(peer)
-            if not self._active and self._idle is not None:
+            if client is not None:
+                client.release()
+            admission.release(peer)
+            if not admission.active and self._idle is not None:
                 self._idle.set()
 
     def track(self, connection: Connection) -> None:
@@ -324,49 +283,6 @@ class Server:
 
     def untrack(self, connection: Connection) -> None:
         self._connections.discard(connection)
-
-
-@attrs.define
-class _Refusals:
-    """Connections refused for one limit: a flood must not flood the log as well, so one line
-    per ten seconds at most."""
-
-    option: str
-    count: int = 0  # since the last line
-    logged_at: float = float("-inf")
-
-    def note(self, source: str, open_: int) -> None:
-        self.count += 1
-        now = _now()
-        if now - self.logged_at >= 10.0:
-            where = " from that address" if self.option.endswith("address") else ""
-            log.warning(
-                "refused %d connection(s), the last from %s: %d open%s (%s)",
-                self.count,
-                source,
-                open_,
-                where,
-                self.option,
-            )
-            self.count = 0
-            self.logged_at = now
-
-
-def _address_key(host: str) -> str | None:
-    """What the per-address limit counts a client by: its IPv4 address, an IPv6 client by its
-    /64 (what one site or one customer is usually given, so a host cannot step round the
-    limit by changing its interface identifier), an IPv4-mapped one as IPv4; None for a
-    unix-domain socket's client, which has no address (or a path)."""
-    if ":" not in host:
-        # The kernel's dotted quad is canonical already.
-        return host if host[:1].isdigit() else None
-    try:
-        address = ipaddress.IPv6Address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    if address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
 
 
 async def _bind(

@@ -91,5 +91,3 @@ def connect() -> Connect:
             await anyio.aclose_forcefully(client.stream)
 
     return connect
-
-

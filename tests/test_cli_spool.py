@@ -59,7 +59,10 @@ def test_the_default_maildir_spools_in_its_tmp(tmp_path: Path) -> None:
             ("--spool-memory", "lots"),
             r"argument --spool-memory: not a whole number: 'lots' \(see 'minismtp run --help'\)",
         ),
-        (("--spool-dir", "/nonexistent/spool"), "--spool-dir: not a directory: '/nonexistent/spool'"),
+        (
+            ("--spool-dir", "/nonexistent/spool"),
+            "--spool-dir: not a directory: '/nonexistent/spool'",
+        ),
     ],
 )
 def test_bad_spool_options_exit_2_with_one_line(args: tuple[str, ...], expected: str) -> None:

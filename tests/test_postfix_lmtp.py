@@ -55,4 +55,3 @@ def test_postfix_delivers_over_lmtp_one_recipient_sent_one_bounced(loop: str) ->
     assert re.search(rf"250 2\.0\.0 OK queued as {message[1]}\b", sent_text)
     assert bounced == "bounced"
     assert "said: 550 5.1.1 No such list (in reply to end of DATA command)" in bounced_text
-

@@ -107,7 +107,9 @@ async def test_an_empty_mapping_accepts_everyone() -> None:
 @pytest.mark.parametrize(
     ("answer", "error"),
     [
-        pytest.param(lambda tx: {Address("stranger", "x.test"): GONE}, ValueError, id="not a recipient"),
+        pytest.param(
+            lambda tx: {Address("stranger", "x.test"): GONE}, ValueError, id="not a recipient"
+        ),
         pytest.param(lambda tx: {tx.rcpt_to[0]: "550 no"}, TypeError, id="not a Reply"),
     ],
 )

@@ -306,7 +306,9 @@ async def test_middleware_and_the_client_see_the_accepted_message_on_the_transac
 
     app = App()
     app.add_middleware(Observe)
-    app.on_data(lambda tx, message: Reply(250, "2.0.0", "Discarded") if b"drop" in message.data else None)
+    app.on_data(
+        lambda tx, message: Reply(250, "2.0.0", "Discarded") if b"drop" in message.data else None
+    )
     async with TestClient(app) as client:
         await one(client)
         assert (await client.send_message("a@example.org", "b@example.com", b"drop\r\n"))[

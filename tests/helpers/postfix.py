@@ -112,7 +112,9 @@ class Postfix:
             if len(found) >= count:
                 return found
             if time.monotonic() > deadline:
-                raise TimeoutError(f"Postfix logged {len(found)} of {count} deliveries:\n{self.log}")
+                raise TimeoutError(
+                    f"Postfix logged {len(found)} of {count} deliveries:\n{self.log}"
+                )
             time.sleep(0.05)
 
 

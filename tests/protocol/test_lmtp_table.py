@@ -60,7 +60,9 @@ def refuse_data(reply: Reply) -> Responder:
 def refuse_rcpt(address: str) -> Responder:
     """Refuse one recipient at RCPT."""
     refusal = Reply(550, "5.1.1", "No such mailbox")
-    return lambda event: refusal if isinstance(event, Rcpt) and str(event.address) == address else None
+    return lambda event: (
+        refusal if isinstance(event, Rcpt) and str(event.address) == address else None
+    )
 
 
 def fail_message_but_refuse_nobody(event: Event) -> Reply | None:
@@ -73,6 +75,8 @@ def fail_message_but_refuse_nobody(event: Event) -> Reply | None:
 
 REFUSE_NOBODY = per_recipient({"nobody@example.com": Reply(550, "5.1.1", "No such mailbox")})
 
+# A table, one case a line: not formatted.
+# fmt: off
 LMTP_CASES: list[tuple[str, bytes | list[bytes], list[str], dict[str, object]]] = [
     # RFC 2033 4.1 LHLO
     ("4.1 LHLO", L, [LHLO], {}),
@@ -125,8 +129,11 @@ LMTP_CASES: list[tuple[str, bytes | list[bytes], list[str], dict[str, object]]] 
     ("5321 4.1.1.10 QUIT", L + b"QUIT\r\n", [LHLO, "221 2.0.0"], {}),
     ("5321 4.5.3.1.8 too many recipients", L + M + R1 + R2 + NOBODY + MSG, [LHLO, MAIL_OK, RCPT_OK, RCPT_OK, "452 4.5.3", "354", QUEUED, QUEUED], {"limits": Limits(max_recipients=2)}),
 ]
+# fmt: on
 
 # Outcomes after the data in SMTP mode: folded into the one reply SMTP has.
+# A table, one case a line: not formatted.
+# fmt: off
 SMTP_CASES: list[tuple[str, bytes, list[str], dict[str, object]]] = [
     ("LHLO is no SMTP command", b"LHLO client.example\r\n", [UNKNOWN], {}),
     ("3.3 one reply for two recipients", b"EHLO x\r\n" + M + R1 + R2 + MSG, [LHLO, MAIL_OK, RCPT_OK, RCPT_OK, "354", QUEUED], {}),
@@ -136,22 +143,33 @@ SMTP_CASES: list[tuple[str, bytes, list[str], dict[str, object]]] = [
     ("3.3 BDAT LAST, mixed outcomes: accepted", b"EHLO x\r\n" + M + NOBODY + R1 + b"BDAT 2 LAST\r\nab", [LHLO, MAIL_OK, RCPT_OK, RCPT_OK, QUEUED], {"respond": REFUSE_NOBODY}),
     ("3.3 duplicates are one recipient", b"EHLO x\r\n" + M + R1 + R1 + MSG, [LHLO, MAIL_OK, RCPT_OK, RCPT_OK, "354", QUEUED], {}),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize(
     ("data", "expected", "options"),
-    [pytest.param(data, expected, options, id=name) for name, data, expected, options in LMTP_CASES],
+    [
+        pytest.param(data, expected, options, id=name)
+        for name, data, expected, options in LMTP_CASES
+    ],
 )
-def test_lmtp_wire(data: bytes | list[bytes], expected: list[str], options: dict[str, object]) -> None:
+def test_lmtp_wire(
+    data: bytes | list[bytes], expected: list[str], options: dict[str, object]
+) -> None:
     run = drive(data, lmtp=True, **options)  # type: ignore[arg-type]
     assert run.codes == expected
 
 
 @pytest.mark.parametrize(
     ("data", "expected", "options"),
-    [pytest.param(data, expected, options, id=name) for name, data, expected, options in SMTP_CASES],
+    [
+        pytest.param(data, expected, options, id=name)
+        for name, data, expected, options in SMTP_CASES
+    ],
 )
-def test_smtp_folds_recipient_outcomes(data: bytes, expected: list[str], options: dict[str, object]) -> None:
+def test_smtp_folds_recipient_outcomes(
+    data: bytes, expected: list[str], options: dict[str, object]
+) -> None:
     run = drive(data, **options)  # type: ignore[arg-type]
     assert run.codes == expected
 
@@ -223,7 +241,16 @@ def test_pipelined_per_recipient_replies_come_out_in_one_write() -> None:
         event = engine.next_event()
     out = engine.data_to_send()
     assert [r.splitlines()[-1][:9] for r in split_replies(out)] == [
-        "250 HELP", MAIL_OK, RCPT_OK, RCPT_OK, RCPT_OK, "354 End d", QUEUED, NO_MAILBOX, QUEUED, "221 2.0.0",
+        "250 HELP",
+        MAIL_OK,
+        RCPT_OK,
+        RCPT_OK,
+        RCPT_OK,
+        "354 End d",
+        QUEUED,
+        NO_MAILBOX,
+        QUEUED,
+        "221 2.0.0",
     ]
     assert engine.data_to_send() == b""
 
@@ -252,7 +279,10 @@ def test_an_lmtp_session_is_written_lmtp_in_the_received_header() -> None:
     assert with_protocol(session, plain) == "LMTPS"
     assert with_protocol(session, utf8) == "UTF8LMTPS"
     smtp = Session(esmtp=True)
-    assert with_protocol(smtp, Transaction(smtp, Address("a", "b.c"), {"SMTPUTF8": None})) == "UTF8SMTP"
+    assert (
+        with_protocol(smtp, Transaction(smtp, Address("a", "b.c"), {"SMTPUTF8": None}))
+        == "UTF8SMTP"
+    )
 
 
 OK_REPLY = Reply(250, "2.0.0", "OK queued as X")
@@ -267,7 +297,9 @@ BUSY = Reply(452, "4.2.2", "Mailbox full")
         pytest.param(OK_REPLY, [OK_REPLY, GONE], OK_REPLY, id="mixed: accepted"),
         pytest.param(OK_REPLY, [GONE, GONE], GONE, id="all refused"),
         pytest.param(OK_REPLY, [GONE, BUSY], BUSY, id="all refused, transient first"),
-        pytest.param(LOCAL := Reply(451, "4.3.0", "Local error"), [LOCAL, GONE], LOCAL, id="failed hand-over"),
+        pytest.param(
+            LOCAL := Reply(451, "4.3.0", "Local error"), [LOCAL, GONE], LOCAL, id="failed hand-over"
+        ),
         pytest.param(LOCAL, [GONE, OK_REPLY], OK_REPLY, id="one stored by other means"),
         pytest.param(OK_REPLY, [], OK_REPLY, id="no outcomes"),
     ],
@@ -280,11 +312,15 @@ def test_a_unix_socket_peer_is_named_in_the_received_header() -> None:
     """No client address on a unix socket: its path, in a comment (RFC 5322 3.2.2)."""
     from minismtp.received import received_header
 
-    session = Session(lmtp=True, esmtp=True, helo_name="postfix.example", peer=("/run/m/lmtp.sock", 0))
+    session = Session(
+        lmtp=True, esmtp=True, helo_name="postfix.example", peer=("/run/m/lmtp.sock", 0)
+    )
     tx = Transaction(session, Address("a", "b.c"))
     header = received_header(session, tx, "ID1", by="lists.example", when=0).decode()
     assert header.startswith("Received: from postfix.example (unix:/run/m/lmtp.sock)\r\n")
     assert "\tby lists.example with LMTP id ID1" in header
     odd = Session(esmtp=True, helo_name="x", peer=("/tmp/a (b)\\c.sock", 0))
-    header = received_header(odd, Transaction(odd, Address("a", "b.c")), "ID2", by="mx", when=0).decode()
+    header = received_header(
+        odd, Transaction(odd, Address("a", "b.c")), "ID2", by="mx", when=0
+    ).decode()
     assert "(unix:/tmp/a??b??c.sock)" in header

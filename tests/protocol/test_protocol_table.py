@@ -31,6 +31,8 @@ PARAM = "555 5.5.4"
 BAD_FROM = "501 5.1.7"
 BAD_TO = "501 5.1.3"
 
+# A table, one case a line: not formatted.
+# fmt: off
 CASES: list[tuple[str, bytes, list[str], dict[str, object]]] = [
     # RFC 5321 4.1.1.1 HELO / EHLO
     ("4.1.1.1 EHLO", E, [EHLO], {}),
@@ -215,6 +217,7 @@ CASES: list[tuple[str, bytes, list[str], dict[str, object]]] = [
     ("limits: too many junk commands", b"NOOP\r\nNOOP\r\nNOOP\r\nNOOP\r\n", [OK, OK, OK, OK, "421 4.7.0"], {"limits": Limits(max_junk_commands=3)}),
     ("limits: a message resets the junk count", b"NOOP\r\nNOOP\r\n" + TX + MSG + b"NOOP\r\nNOOP\r\n", [OK, OK, EHLO, MAIL_OK, RCPT_OK, "354", QUEUED, OK, OK], {"limits": Limits(max_junk_commands=3)}),
 ]
+# fmt: on
 
 PROBES = [
     ("HTTP GET", b"GET / HTTP/1.1\r\nHost: mx\r\n\r\n"),
@@ -362,7 +365,12 @@ def test_session_records_helo_and_esmtp() -> None:
 
 
 def test_parameters_reach_the_app() -> None:
-    run = drive(E + b"MAIL FROM:<a@b.c> SIZE=10 body=8bitmime AUTH=<>\r\n" + R + b"RCPT TO:<x@y.z> NOTIFY=NEVER\r\n")
+    run = drive(
+        E
+        + b"MAIL FROM:<a@b.c> SIZE=10 body=8bitmime AUTH=<>\r\n"
+        + R
+        + b"RCPT TO:<x@y.z> NOTIFY=NEVER\r\n"
+    )
     mail = run.events[2]
     assert isinstance(mail, Mail)
     assert mail.params == {"SIZE": "10", "BODY": "8bitmime", "AUTH": "<>"}
@@ -393,7 +401,10 @@ def test_table_has_at_least_150_rows() -> None:
 def test_finished_transactions_carry_the_reply_that_ended_them() -> None:
     """For logs and metrics: accepted, refused by the engine, abandoned by RSET or QUIT."""
     big = TX + b"DATA\r\n" + b"x" * 200 + b"\r\n.\r\n"
-    run = drive(TX + MSG + big[len(E) :] + M + b"RSET\r\n" + M + R + b"QUIT\r\n", limits=Limits(max_message_size=100))
+    run = drive(
+        TX + MSG + big[len(E) :] + M + b"RSET\r\n" + M + R + b"QUIT\r\n",
+        limits=Limits(max_message_size=100),
+    )
     finished = run.engine.finished
     assert [t.reply_code for t in finished] == [250, 552, None, None]
     assert finished[0].size == len(b"Subject: hi\r\n\r\nbody\r\n")

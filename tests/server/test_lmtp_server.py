@@ -144,7 +144,9 @@ async def test_the_log_line_shows_each_recipients_own_outcome(
     )
     async with serve(list_app(), port=None, unix=sock_path, lmtp=True, config=config()):
         await anyio.to_thread.run_sync(exchange, sock_path, dialogue)
-    assert "to=<dev@lists.test>,<nobody@lists.test> outcomes=<nobody@lists.test>:550 " in caplog.text
+    assert (
+        "to=<dev@lists.test>,<nobody@lists.test> outcomes=<nobody@lists.test>:550 " in caplog.text
+    )
 
 
 async def test_ehlo_is_refused_in_lmtp_mode(sock_path: Path) -> None:
@@ -156,7 +158,9 @@ async def test_ehlo_is_refused_in_lmtp_mode(sock_path: Path) -> None:
     assert replies[3].code == 250
 
 
-async def test_smtp_and_lmtp_peers_in_the_log(sock_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_smtp_and_lmtp_peers_in_the_log(
+    sock_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The transaction's log line names the socket as the peer."""
     caplog.set_level(logging.INFO, logger="minismtp")
     async with serve(App(), "127.0.0.1", 0, unix=sock_path, config=config()) as server:
@@ -164,7 +168,9 @@ async def test_smtp_and_lmtp_peers_in_the_log(sock_path: Path, caplog: pytest.Lo
         replies = await anyio.to_thread.run_sync(
             exchange,
             sock_path,
-            b"EHLO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n" + BODY + b".\r\nQUIT\r\n",
+            b"EHLO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n"
+            + BODY
+            + b".\r\nQUIT\r\n",
         )
         assert replies[-2].code == 250
     assert f"from {sock_path} " in caplog.text

@@ -4,7 +4,9 @@ step before the SMTP engine, on every backend and transport, with STARTTLS and i
 from __future__ import annotations
 
 import ipaddress
+import logging
 import struct
+from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
@@ -234,4 +236,92 @@ async def test_plain_client_on_the_tls_port_behind_a_header_is_refused(
             with anyio.fail_after(5):
                 while not await client.at_eof():
                     client.buffer.clear()  # a TLS alert, perhaps; never a greeting
+    assert not sessions
+
+
+# -- the per-address limit behind the balancer ---------------------------------------------------
+
+FROM_YOUR_ADDRESS = "421 4.7.0 Too many connections from your address"
+
+
+def limited(transport: str) -> ServerConfig:
+    """Two connections per client; every connection comes from one balancer, 127.0.0.1."""
+    return ServerConfig(
+        shutdown_grace=2.0,
+        proxy_protocol=True,
+        proxy_timeout=30.0,
+        max_connections_per_address=2,
+        transport=transport,  # type: ignore[arg-type]
+    )
+
+
+def proxied(client: str, port: int = 40000) -> bytes:
+    return f"PROXY TCP4 {client} 198.51.100.1 {port} 25\r\n".encode()
+
+
+@pytest.mark.parametrize("config", [limited(t) for t in ("auto", "stream")], ids=["auto", "stream"])
+async def test_the_limit_counts_the_client_the_header_names_not_the_balancer(
+    server: Server, sessions: list[Session], connect: Connect, caplog: pytest.LogCaptureFixture
+) -> None:
+    with anyio.fail_after(10), caplog.at_level(logging.INFO, "minismtp.server"):
+        async with AsyncExitStack() as stack:
+            first = []
+            for n in range(2):
+                client = await stack.enter_async_context(connect(server.port))
+                await client.send(proxied("203.0.113.7", 40000 + n))
+                assert (await client.reply()).startswith("220 mx.test ESMTP")
+                first.append(client)
+            # A third from the same client: refused, after its header, with the per-address 421.
+            async with connect(server.port) as extra:
+                await extra.send(proxied("203.0.113.7", 40002) + b"EHLO client.example\r\n")
+                assert await extra.reply() == FROM_YOUR_ADDRESS
+                assert await extra.at_eof()
+            # Another client through the same balancer (the balancer's third and fourth
+            # connections): served, in v1 and in v2.
+            headers = [
+                proxied("203.0.113.8", 40003),
+                v2(1, 0x11, inet("203.0.113.8", "198.51.100.1", 40004, 25)),
+            ]
+            for header in headers:
+                other = await stack.enter_async_context(connect(server.port))
+                await other.send(header)
+                assert (await other.reply()).startswith("220 mx.test ESMTP")
+            assert (await first[0].command("QUIT")).startswith("221")
+            assert await first[0].at_eof()
+            # Its slot is given back once the server has closed the session: polled.
+            while True:
+                async with connect(server.port) as again:
+                    await again.send(proxied("203.0.113.7", 40005))
+                    if (await again.reply()).startswith("220"):
+                        break
+                    await anyio.sleep(0.01)
+        while server.connections:  # noqa: ASYNC110  # the server's state has no event
+            await anyio.sleep(0.01)
+    assert server._admission.per_address == {}
+    # The refused connection never reached the App; the others did, each as its client.
+    assert sorted({s.peer[0] for s in sessions}) == ["203.0.113.7", "203.0.113.8"]
+    assert server.metrics.proxy_errors == 0
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refused[0] == (
+        "refused 1 connection(s), the last from 203.0.113.7: 2 open from that address "
+        "(--max-connections-per-address)"
+    )
+
+
+@pytest.mark.parametrize("config", [limited("auto")])
+async def test_past_the_limit_on_the_tls_port_behind_a_header_closed_without_a_reply(
+    tls_server: Server, sessions: list[Session], connect: Connect
+) -> None:
+    """On the implicit TLS port a plaintext 421 would be noise: the refusal just closes."""
+    assert tls_server.tls_port is not None
+    with anyio.fail_after(10):
+        async with AsyncExitStack() as stack:
+            for n in range(2):  # held open, their handshakes never started
+                client = await stack.enter_async_context(connect(tls_server.tls_port))
+                await client.send(proxied("203.0.113.7", 40000 + n))
+            while tls_server._admission.per_address.get("203.0.113.7") != 2:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+            async with connect(tls_server.tls_port) as extra:
+                await extra.send(proxied("203.0.113.7", 40002))
+                await no_greeting(extra)
     assert not sessions

@@ -16,7 +16,6 @@ import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_protocol_properties import LIMITS, check_replies, cut, smtpish
 
 from minismtp.app import App
 from minismtp.server import ServerConfig, serve
@@ -24,6 +23,7 @@ from minismtp.types import Address, Message, Transaction
 from tests.helpers.backends import with_uvloop
 from tests.helpers.clients import drain
 from tests.helpers.engine_driver import drive
+from tests.helpers.smtp_input import LIMITS, check_replies, cut, smtpish
 
 _QUEUED_AS = re.compile(rb"OK queued as [0-9A-F]+")
 

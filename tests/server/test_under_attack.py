@@ -18,8 +18,9 @@ from typing import Any, Literal
 import anyio
 import pytest
 
+from minismtp.admission import address_key
 from minismtp.app import App
-from minismtp.server import Server, ServerConfig, _address_key, serve
+from minismtp.server import Server, ServerConfig, serve
 from tests.helpers.backends import with_uvloop
 from tests.helpers.clients import Connect, WireClient, drain
 
@@ -136,7 +137,7 @@ async def test_a_slot_is_freed_when_a_connection_ends(
                             break
         # The others, dropped by their client rather than ended by QUIT, are counted out too.
         await wait_until_all_closed(server)
-        assert server._per_address == {}
+        assert server._admission.per_address == {}
         async with AsyncExitStack() as stack:
             await open_greeted(stack, connect, port, 2)
 
@@ -146,19 +147,19 @@ async def test_no_limit_per_address_with_0(app: App, connect: Connect) -> None:
     async with serve(app, "127.0.0.1", 0, config=config) as server:
         async with AsyncExitStack() as stack:
             await open_greeted(stack, connect, server.port, 8)
-        assert server._per_address == {}
+        assert server._admission.per_address == {}
 
 
 def test_the_limit_counts_an_ipv6_client_by_its_64() -> None:
-    assert _address_key("192.0.2.7") == "192.0.2.7"
-    assert _address_key("2001:db8:1:2:aaaa:bbbb:cccc:dddd") == "2001:db8:1:2::/64"
-    assert _address_key("2001:db8:1:2::1") == _address_key("2001:db8:1:2:ffff::9")
-    assert _address_key("2001:db8:1:3::1") != _address_key("2001:db8:1:2::1")
-    assert _address_key("::ffff:192.0.2.7") == "192.0.2.7"  # a dual-stack listener's IPv4
-    assert _address_key("fe80::1%2") == "fe80::/64"
-    assert _address_key("") is None  # a unix-domain socket's client: not counted
-    assert _address_key("/run/client.sock") is None
-    assert _address_key("/run/odd:name") is None
+    assert address_key("192.0.2.7") == "192.0.2.7"
+    assert address_key("2001:db8:1:2:aaaa:bbbb:cccc:dddd") == "2001:db8:1:2::/64"
+    assert address_key("2001:db8:1:2::1") == address_key("2001:db8:1:2:ffff::9")
+    assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
+    assert address_key("::ffff:192.0.2.7") == "192.0.2.7"  # a dual-stack listener's IPv4
+    assert address_key("fe80::1%2") == "fe80::/64"
+    assert address_key("") is None  # a unix-domain socket's client: not counted
+    assert address_key("/run/client.sock") is None
+    assert address_key("/run/odd:name") is None
 
 
 # -- stress ------------------------------------------------------------------------------------

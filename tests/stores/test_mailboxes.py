@@ -80,7 +80,9 @@ async def test_a_spooled_message_is_linked_never_copied(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    msg = Message.from_file(spooled, owned=True, rcpt_to=(addr("alice@example.com"), addr("bob@example.com")))
+    msg = Message.from_file(
+        spooled, owned=True, rcpt_to=(addr("alice@example.com"), addr("bob@example.com"))
+    )
     assert await store.put(msg) == {}
     (a,) = delivered(alice)
     (b,) = delivered(bob)
@@ -153,7 +155,9 @@ async def test_a_mapping_chooses_the_mailbox(tmp_path: Path) -> None:
     lists = make_mailbox(tmp_path, "lists", "dev")
 
     def mapping(address: Address) -> Path | None:
-        return tmp_path / "lists" / address.local_part if address.domain == "lists.example" else None
+        return (
+            tmp_path / "lists" / address.local_part if address.domain == "lists.example" else None
+        )
 
     store = Mailboxes(tmp_path, mailbox=mapping)
     msg = message("dev@lists.example", "dev@elsewhere.example")
