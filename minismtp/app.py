@@ -14,7 +14,6 @@ per-recipient outcomes included, is :mod:`minismtp.handoff`.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import os
@@ -41,7 +40,7 @@ from minismtp.events import (
     Mail,
     Rcpt,
 )
-from minismtp.handoff import hand_over
+from minismtp.handoff import consume, hand_over
 from minismtp.hooks import (
     ConnectHook,
     DataChunkHook,
@@ -60,7 +59,7 @@ from minismtp.hooks import (
 from minismtp.ids import new_id
 from minismtp.message import Message
 from minismtp.metrics import Metrics
-from minismtp.middleware import Middleware, MiddlewareFactory, acts_on, next_for_each_event
+from minismtp.middleware import Middleware, MiddlewareFactory, acts_on, build_stacks
 from minismtp.outcomes import record_recipient_replies
 from minismtp.protocol import Limits
 from minismtp.received import received_header
@@ -242,23 +241,11 @@ class App(Hooks):
         return LOCAL_ERROR
 
     def _build_stack(self) -> Handler:
-        """Build the middleware once, innermost first; keep, per event class, the handler an
-        event of that class goes to first. A middleware that declares ``acts_on`` is on the
-        way of those events only: at the other stages it costs nothing."""
-        stacks: dict[type[Event], Handler] = dict(self._routes)
-        stack: Handler = self._route  # for events of any other class: every middleware
-        for middleware in self._middleware:
-            if all(handler is stack for handler in stacks.values()):
-                app = stack
-            else:
-                app = next_for_each_event(dict(stacks), stack)
-            handler = middleware.factory(app, *middleware.args, **middleware.kwargs)
-            for kind in stacks:
-                if middleware.acts_on is None or issubclass(kind, middleware.acts_on):
-                    stacks[kind] = handler
-            stack = handler
-        self._stacks = stacks
-        self._stack = stack
+        """Build the middleware once (see :func:`~minismtp.middleware.build_stacks`), and the
+        answers given without an App call: at the stages no middleware acts on."""
+        self._stacks, self._stack = stacks, stack = build_stacks(
+            self._middleware, self._routes, self._route
+        )
         self._immediate = {
             kind: immediate
             for kind, immediate in self._answers_without_hooks().items()
@@ -439,7 +426,13 @@ class App(Hooks):
             try:
                 async with anyio.create_task_group() as tasks:
                     if self._message_hooks:
-                        tasks.start_soon(self._consume, raise_exceptions, consumer_errors)
+                        tasks.start_soon(
+                            consume,
+                            self._receive,
+                            self._message_hooks,
+                            raise_exceptions,
+                            consumer_errors,
+                        )
                     try:
                         yield self
                     except Exception as exc:
@@ -471,33 +464,6 @@ class App(Hooks):
         if store is None or store.spool_dir is None:
             directory = self.spool_dir or spool.default_directory()
             await anyio.to_thread.run_sync(spool.open_directory, directory)
-
-    async def _consume(self, raise_exceptions: bool, errors: list[Exception]) -> None:
-        receive = self._receive
-        hooks = self._message_hooks
-        while True:
-            try:
-                message = await receive.receive()
-            except anyio.EndOfStream:
-                return
-            # Take everything queued on this wake-up without going back to the scheduler.
-            while True:
-                for hook in hooks:
-                    try:
-                        result = hook(message)
-                        if inspect.isawaitable(result):
-                            await result
-                    except Exception as exc:
-                        if raise_exceptions:
-                            errors.append(exc)
-                        else:
-                            logger.exception("on_message hook failed for message %s", message.id)
-                try:
-                    message = receive.receive_nowait()
-                except anyio.WouldBlock:
-                    break
-                except anyio.EndOfStream:
-                    return
 
 
 def default_app(maildir: str | os.PathLike[str] = "./maildir", hostname: str | None = None) -> App:

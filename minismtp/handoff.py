@@ -5,10 +5,13 @@ no outcome refused, and not at all when every one was refused.
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from minismtp.events import Data
 from minismtp.message import Message
@@ -19,6 +22,7 @@ from minismtp.types import Reply, Transaction, queued_reply
 
 if TYPE_CHECKING:
     from minismtp.app import App
+    from minismtp.hooks import MessageHook
 
 # The App's log lines, under the App's name, wherever in it they are written.
 logger = logging.getLogger("minismtp.app")
@@ -106,3 +110,37 @@ def log_untold_refusals(message: Message) -> None:
             ",".join(f"<{address}>" for address in message.rcpt_to),
             "; ".join(f"<{address}> {reply}" for address, reply in refusals.items()),
         )
+
+
+async def consume(
+    receive: MemoryObjectReceiveStream[Message],
+    hooks: Sequence[MessageHook],
+    raise_exceptions: bool,
+    errors: list[Exception],
+) -> None:
+    """The App's consumer task while serving: each message from the channel to the
+    ``on_message`` hooks in order; an exception is logged (or, with ``raise_exceptions``, kept
+    in ``errors``) and the next hook and message go on."""
+    while True:
+        try:
+            message = await receive.receive()
+        except anyio.EndOfStream:
+            return
+        # Take everything queued on this wake-up without going back to the scheduler.
+        while True:
+            for hook in hooks:
+                try:
+                    result = hook(message)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception as exc:
+                    if raise_exceptions:
+                        errors.append(exc)
+                    else:
+                        logger.exception("on_message hook failed for message %s", message.id)
+            try:
+                message = receive.receive_nowait()
+            except anyio.WouldBlock:
+                break
+            except anyio.EndOfStream:
+                return

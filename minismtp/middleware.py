@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, Generic, ParamSpec, Protocol
 
 import attrs
@@ -57,4 +57,28 @@ def next_for_each_event(handlers: dict[type[Event], Handler], default: Handler) 
     return next_handler
 
 
-__all__ = ["Middleware", "MiddlewareFactory", "acts_on", "next_for_each_event"]
+def build_stacks(
+    middleware: Sequence[Middleware[Any]],
+    routes: Mapping[type[Event], Handler],
+    route: Handler,
+) -> tuple[dict[type[Event], Handler], Handler]:
+    """Build the middleware once, innermost first, over ``routes`` (the handler of each event
+    class) and ``route`` (of any class); give, per event class, the handler an event of that
+    class goes to first, and the handler of any other class. A middleware that declares
+    ``acts_on`` is on the way of those events only: at the other stages it costs nothing."""
+    stacks: dict[type[Event], Handler] = dict(routes)
+    stack = route  # for events of any other class: every middleware
+    for layer in middleware:
+        if all(handler is stack for handler in stacks.values()):
+            app = stack
+        else:
+            app = next_for_each_event(dict(stacks), stack)
+        handler = layer.factory(app, *layer.args, **layer.kwargs)
+        for kind in stacks:
+            if layer.acts_on is None or issubclass(kind, layer.acts_on):
+                stacks[kind] = handler
+        stack = handler
+    return stacks, stack
+
+
+__all__ = ["Middleware", "MiddlewareFactory", "acts_on", "build_stacks", "next_for_each_event"]

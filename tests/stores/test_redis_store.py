@@ -255,7 +255,9 @@ async def test_wait_for_a_replica(
         with anyio.fail_after(10):
             while client.info("replication")["master_link_status"] != "up":  # noqa: ASYNC110
                 await anyio.sleep(0.02)
-        async with RedisStreamStore.from_url(own_redis.url(stream, wait=1)) as store:
+        # A long wait timeout: on a loaded machine the replica may take more than a second.
+        url = own_redis.url(stream, wait=1, wait_timeout=10_000)
+        async with RedisStreamStore.from_url(url) as store:
             message = make_message(b"replicated\r\n")
             await store.put(message)
         # WAIT returned: the replica has the entry now, without waiting any further.
