@@ -1,0 +1,150 @@
+"""The disk's own rate for the durable path: small files written as a Maildir delivery writes
+them, from many threads at once, with no SMTP and no event loop in the way.
+
+Each writer thread, in a loop: creates a file in ``tmp/``, writes ``--size`` octets, fsyncs it,
+closes it and renames it into ``new/``. Two ways of making the rename durable are measured:
+
+- ``file``: nothing more (fsync file + rename). The rename is not yet durable: a crash may
+  lose it. The rate a delivery that promised less would reach.
+- ``group``: fsync file + rename, then wait for an fsync of ``new/`` that started after the
+  rename: one writer runs it while the others that renamed meanwhile wait for the next one,
+  which covers them all (a group commit, the same as ``minismtp.stores.maildir``). This is the
+  Maildir store's promise (the message's data and its directory entry durable before the 250),
+  and the figure the benchmark compares minismtp against.
+
+    python -m tests.bench.disk [--dir DIR] [--threads 40] [--seconds 3] [--size 1024]
+        [--modes file,group]
+
+prints one line per mode and, last, one JSON object (``{"file": files/s, "group": files/s}``).
+The files go in a fresh directory under ``--dir`` (default: the system's temporary directory),
+removed afterwards: give ``--dir`` on the file system whose rate is wanted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+MODES = ("file", "group")
+
+
+class DirectorySync:
+    """Group commit of ``new/``'s fsync among threads: :meth:`covered` returns once an fsync
+    of the directory that started after the caller's rename has finished."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.cond = threading.Condition()
+        self.renamed = 0  # renames so far (each writer takes a ticket after its rename)
+        self.synced = 0  # renames covered by a finished directory fsync
+        self.running = False
+        self.syncs = 0
+
+    def ticket(self) -> int:
+        with self.cond:
+            self.renamed += 1
+            return self.renamed
+
+    def covered(self, ticket: int) -> None:
+        with self.cond:
+            while self.synced < ticket:
+                if self.running:
+                    self.cond.wait()
+                    continue
+                self.running = True
+                upto = self.renamed
+                self.cond.release()
+                try:
+                    fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                finally:
+                    self.cond.acquire()
+                    self.running = False
+                    self.synced = max(self.synced, upto)
+                    self.syncs += 1
+                    self.cond.notify_all()
+
+
+def writer(
+    root: Path,
+    index: int,
+    data: bytes,
+    deadline: float,
+    sync: DirectorySync | None,
+    counts: list[int],
+) -> None:
+    tmp, new = root / "tmp", root / "new"
+    n = 0
+    while time.monotonic() < deadline:
+        name = f"{index}.{n}"
+        fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp / name, new / name)
+        if sync is not None:
+            sync.covered(sync.ticket())
+        n += 1
+    counts[index] = n
+
+
+def measure(directory: Path, mode: str, threads: int, seconds: float, size: int) -> float:
+    """Files per second that ``threads`` writers made durable (as ``mode`` says) in ``seconds``."""
+    root = Path(tempfile.mkdtemp(prefix="minismtp-disk-", dir=directory))
+    try:
+        for sub in ("tmp", "new"):
+            (root / sub).mkdir()
+        sync = DirectorySync(root / "new") if mode == "group" else None
+        counts = [0] * threads
+        data = b"X" * (size - 2) + b"\r\n"
+        started = time.monotonic()
+        deadline = started + seconds
+        workers = [
+            threading.Thread(target=writer, args=(root, i, data, deadline, sync, counts))
+            for i in range(threads)
+        ]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        elapsed = time.monotonic() - started
+        return sum(counts) / elapsed
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--threads", type=int, default=40)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--modes", default=",".join(MODES), help="file, group (default: both)")
+    args = parser.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        parser.error(f"unknown modes: {', '.join(unknown)}")
+    rates = {}
+    for mode in modes:
+        rates[mode] = measure(args.dir, mode, args.threads, args.seconds, args.size)
+        print(
+            f"{mode:5}: {rates[mode]:8,.0f} files/s ({args.threads} threads, {args.size} octets)",
+            flush=True,
+        )
+    print(json.dumps(rates), flush=True)
+
+
+if __name__ == "__main__":
+    main()
