@@ -16,8 +16,15 @@ closes it and renames it into ``new/``. Two ways of making the rename durable ar
         [--modes file,group]
 
 prints one line per mode and, last, one JSON object (``{"file": files/s, "group": files/s}``).
-The files go in a fresh directory under ``--dir`` (default: the system's temporary directory),
-removed afterwards: give ``--dir`` on the file system whose rate is wanted.
+The files go in a fresh directory per mode under ``--dir`` (default: the system's temporary
+directory), removed once every mode was measured, or left for the caller with ``--keep``: give
+``--dir`` on the file system whose rate is wanted.
+
+Removing many files makes creating files slow for a while: ext4 passes over the inodes freed
+in the last 10-15 seconds when it allocates one (``find_inode_bit``, ``recently_deleted``),
+which costs up to 1 ms of CPU per file created (see tests/bench/README.md). So no directory
+is removed between two measurements here, and ``run.py`` removes this script's files and its
+Maildirs only at the end of its run.
 """
 
 from __future__ import annotations
@@ -99,29 +106,26 @@ def writer(
     counts[index] = n
 
 
-def measure(directory: Path, mode: str, threads: int, seconds: float, size: int) -> float:
-    """Files per second that ``threads`` writers made durable (as ``mode`` says) in ``seconds``."""
-    root = Path(tempfile.mkdtemp(prefix="minismtp-disk-", dir=directory))
-    try:
-        for sub in ("tmp", "new"):
-            (root / sub).mkdir()
-        sync = DirectorySync(root / "new") if mode == "group" else None
-        counts = [0] * threads
-        data = b"X" * (size - 2) + b"\r\n"
-        started = time.monotonic()
-        deadline = started + seconds
-        workers = [
-            threading.Thread(target=writer, args=(root, i, data, deadline, sync, counts))
-            for i in range(threads)
-        ]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        elapsed = time.monotonic() - started
-        return sum(counts) / elapsed
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+def measure(root: Path, mode: str, threads: int, seconds: float, size: int) -> float:
+    """Files per second that ``threads`` writers made durable (as ``mode`` says) in ``seconds``,
+    in the new directory ``root``."""
+    for sub in ("tmp", "new"):
+        (root / sub).mkdir(parents=True)
+    sync = DirectorySync(root / "new") if mode == "group" else None
+    counts = [0] * threads
+    data = b"X" * (size - 2) + b"\r\n"
+    started = time.monotonic()
+    deadline = started + seconds
+    workers = [
+        threading.Thread(target=writer, args=(root, i, data, deadline, sync, counts))
+        for i in range(threads)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    elapsed = time.monotonic() - started
+    return sum(counts) / elapsed
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,18 +135,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--modes", default=",".join(MODES), help="file, group (default: both)")
+    parser.add_argument("--keep", action="store_true", help="leave the files for the caller")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         parser.error(f"unknown modes: {', '.join(unknown)}")
+    top = Path(tempfile.mkdtemp(prefix="minismtp-disk-", dir=args.dir))
     rates = {}
-    for mode in modes:
-        rates[mode] = measure(args.dir, mode, args.threads, args.seconds, args.size)
-        print(
-            f"{mode:5}: {rates[mode]:8,.0f} files/s ({args.threads} threads, {args.size} octets)",
-            flush=True,
-        )
+    try:
+        for mode in modes:
+            rates[mode] = measure(top / mode, mode, args.threads, args.seconds, args.size)
+            print(
+                f"{mode:5}: {rates[mode]:8,.0f} files/s ({args.threads} threads, "
+                f"{args.size} octets)",
+                flush=True,
+            )
+    finally:
+        if not args.keep:
+            shutil.rmtree(top, ignore_errors=True)
     print(json.dumps(rates), flush=True)
 
 

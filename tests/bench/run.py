@@ -555,7 +555,7 @@ def measure(scenario: str, server: Server, clients: Clients, sizes: Sizes) -> di
 def disk_rates(directory: Path, seconds: float, cpus: frozenset[int] | None) -> dict[str, float]:
     """The raw rate of the disk under ``directory`` (tests/bench/disk.py), in files/s, both
     ways; run where the servers run, since a server's writes are made from its own CPU."""
-    argv = [sys.executable, "-m", "tests.bench.disk", "--dir", str(directory)]
+    argv = [sys.executable, "-m", "tests.bench.disk", "--dir", str(directory), "--keep"]
     argv += ["--seconds", str(seconds), "--threads", "40"]
     done = subprocess.run(
         argv, cwd=ROOT, capture_output=True, timeout=60 + 4 * seconds, preexec_fn=on_cpus(cpus)
@@ -607,6 +607,7 @@ class Bench:
     loops: dict[str, str] = attrs.field(factory=dict)
     delivered: dict[str, list[int]] = attrs.field(factory=dict)  # target -> [sent, counted]
     server_cpus: frozenset[int] | None = None
+    maildir_root: Path = Path(tempfile.gettempdir())  # the durable scenarios' file system
     cpus_awake: bool = False  # idle CPUs polled instead of halting (see cpus_kept_awake)
 
     def server(self, target: Target, tag: str, maildir: Path | None = None) -> Server:
@@ -635,11 +636,21 @@ class Bench:
             lines.append(f"{name} {counted:,}/{sent:,} {verdict}")
         return all(s == c for s, c in self.delivered.values()), "; ".join(lines)
 
+    @property
+    def trash(self) -> Path:
+        """Where the durable scenarios' files stay until the end of the run."""
+        return self.maildir_root / f"{self.workdir.name}-maildirs"
+
     def run(self) -> None:
-        for round_no in range(1, self.rounds + 1):
-            for scenario in self.scenarios:
-                for target in self.targets:  # A B A B ...: every server in every round
-                    self.one(scenario, target, round_no)
+        if any(s in DURABLE for s in self.scenarios):
+            self.trash.mkdir(parents=True, exist_ok=True)
+        try:
+            for round_no in range(1, self.rounds + 1):
+                for scenario in self.scenarios:
+                    for target in self.targets:  # A B A B ...: every server in every round
+                        self.one(scenario, target, round_no)
+        finally:
+            shutil.rmtree(self.trash, ignore_errors=True)
 
     def one(self, scenario: str, target: Target, round_no: int) -> None:
         """One measurement, on a server of its own: what a process did before (a heap grown
@@ -651,7 +662,9 @@ class Bench:
                 if round_no == 1:
                     progress(f"{scenario}: {target.name} has no Maildir store, skipped")
                 return
-            maildir = self.workdir / f"maildir-{target.name}-{scenario}-{round_no}"
+            # Left in the trash: removing 12,000 files would slow every file creation on the
+            # file system for the next 10-15 s (see disk.py), i.e. the next server's run.
+            maildir = self.trash / f"maildir-{target.name}-{scenario}-{round_no}"
         server = self.server(target, f"{scenario}-{round_no}", maildir)
         try:
             with blame(server):
@@ -659,11 +672,11 @@ class Bench:
                 values = measure(scenario, server, self.clients, self.sizes)
         finally:
             self.stop(server, maildir)
-            if maildir is not None:
-                shutil.rmtree(maildir, ignore_errors=True)
+            if maildir is not None and scenario in BIG:
+                shutil.rmtree(maildir, ignore_errors=True)  # a few large files
         if scenario == "1k-maildir":
             # The disk's own rate, on the same file system, right after the server's run.
-            values.update(disk_rates(self.workdir, self.sizes.disk_seconds, self.server_cpus))
+            values.update(disk_rates(self.trash, self.sizes.disk_seconds, self.server_cpus))
             values["of_disk"] = values["msgs_per_s"] / values["disk_group"]
         for metric, value in values.items():
             self.results[scenario][metric].setdefault(target.name, []).append(value)
@@ -1035,6 +1048,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="REV",
         help="serve minismtp from a snapshot of this commit (git archive) instead of the tree",
     )
+    parser.add_argument(
+        "--maildir-root",
+        type=Path,
+        default=Path(tempfile.gettempdir()),
+        help="where the durable scenarios' Maildirs and the raw disk rate's files go, on the "
+        "file system to measure (default: %(default)s)",
+    )
     parser.add_argument("--json", type=Path, help="also write every measured value here")
     parser.add_argument("--workdir", type=Path, help="server logs and profiles (default: temp)")
     args = parser.parse_args(argv)
@@ -1064,6 +1084,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir=workdir,
         source=source_tree(args.commit, workdir),
         server_cpus=server_cpus,
+        maildir_root=args.maildir_root,
     )
     progress(f"logs in {workdir}")
     with (
