@@ -30,7 +30,6 @@ import anyio
 
 from minismtp.message import Message
 from minismtp.stores.maildir import Maildir
-
 from tests.bench.client import message_content
 
 ROOT = Path(__file__).resolve().parents[2]
