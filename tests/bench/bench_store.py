@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-disk", action="store_true", help="the store alone")
+    parser.add_argument("--keep", action="store_true", help="leave the files (see disk.py)")
     args = parser.parse_args(argv)
     top = Path(tempfile.mkdtemp(prefix="minismtp-store-", dir=args.dir))
     rows = []
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
     finally:
-        shutil.rmtree(top, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(top, ignore_errors=True)
     medians = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
     print(json.dumps(medians))
 
