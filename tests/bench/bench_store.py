@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 
 from minismtp.message import Message
 from minismtp.stores.maildir import Maildir
@@ -35,7 +36,9 @@ from tests.bench.client import message_content
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def put_all(box: Maildir, data: bytes, tasks: int, messages: int) -> None:
+async def put_all(box: Maildir, data: bytes, tasks: int, messages: int, threads: int) -> None:
+    if threads:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = threads
     await box.open()
     left = [messages]
 
@@ -49,13 +52,17 @@ async def put_all(box: Maildir, data: bytes, tasks: int, messages: int) -> None:
             group.start_soon(session)
 
 
-def measure_store(root: Path, loop: str, tasks: int, messages: int) -> dict[str, float]:
+def measure_store(
+    root: Path, loop: str, tasks: int, messages: int, threads: int = 0
+) -> dict[str, float]:
     data = message_content(1024)
     box = Maildir(root)
     backend = "trio" if loop == "trio" else "asyncio"
     options = {"use_uvloop": loop == "uvloop"} if backend == "asyncio" else {}
     before, started = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
-    anyio.run(put_all, box, data, tasks, messages, backend=backend, backend_options=options)
+    anyio.run(
+        put_all, box, data, tasks, messages, threads, backend=backend, backend_options=options
+    )
     after, seconds = resource.getrusage(resource.RUSAGE_SELF), time.monotonic() - started
     stored = len(os.listdir(root / "new"))
     assert stored == messages, (stored, messages)
@@ -83,6 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", type=int, default=50)
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--threads", type=int, default=0, help="anyio's worker threads (default: its 40)"
+    )
     parser.add_argument("--no-disk", action="store_true", help="the store alone")
     parser.add_argument("--keep", action="store_true", help="leave the files (see disk.py)")
     args = parser.parse_args(argv)
@@ -90,7 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     try:
         for n in range(1, args.rounds + 1):
-            row = measure_store(top / f"maildir-{n}", args.loop, args.tasks, args.messages)
+            row = measure_store(
+                top / f"maildir-{n}", args.loop, args.tasks, args.messages, args.threads
+            )
             if not args.no_disk:
                 row["disk"] = measure_disk(top, max(2.0, row["seconds"]))
                 row["of_disk"] = row["msgs_per_s"] / row["disk"]
