@@ -24,7 +24,7 @@ closes it and renames it into ``new/``. Two ways of making the rename durable ar
         [--modes file,group,syncfs] [--keep]
 
 prints one line per mode and, last, one JSON object (``{"file": files/s, "group": files/s}``,
-and ``"syncfs"`` when asked for).
+and ``"syncfs"`` when asked for; ``"<mode>_cpu_us"``: the CPU this process spent per file).
 The files go in a fresh directory per mode under ``--dir`` (default: the system's temporary
 directory), removed once every mode was measured, or left for the caller with ``--keep``: give
 ``--dir`` on the file system whose rate is wanted.
@@ -42,6 +42,7 @@ import argparse
 import ctypes
 import json
 import os
+import resource
 import shutil
 import tempfile
 import threading
@@ -138,15 +139,16 @@ def writer(
     counts[index] = n
 
 
-def measure(root: Path, mode: str, threads: int, seconds: float, size: int) -> float:
+def measure(root: Path, mode: str, threads: int, seconds: float, size: int) -> tuple[float, float]:
     """Files per second that ``threads`` writers made durable (as ``mode`` says) in ``seconds``,
-    in the new directory ``root``."""
+    in the new directory ``root``, and the CPU (user + system) of this process per file."""
     for sub in ("tmp", "new"):
         (root / sub).mkdir(parents=True)
     sync = GroupSync(root / "new") if mode in ("group", "syncfs") else None
     data_sync = GroupSync(root / "tmp", syncfs) if mode == "syncfs" else None
     counts = [0] * threads
     data = b"X" * (size - 2) + b"\r\n"
+    before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.monotonic()
     deadline = started + seconds
     workers = [
@@ -158,7 +160,10 @@ def measure(root: Path, mode: str, threads: int, seconds: float, size: int) -> f
     for w in workers:
         w.join()
     elapsed = time.monotonic() - started
-    return sum(counts) / elapsed
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    files = max(1, sum(counts))
+    return files / elapsed, cpu / files * 1e6
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,13 +184,14 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown modes: {', '.join(unknown)}")
     top = Path(tempfile.mkdtemp(prefix="minismtp-disk-", dir=args.dir))
-    rates = {}
+    rates: dict[str, float] = {}
     try:
         for mode in modes:
-            rates[mode] = measure(top / mode, mode, args.threads, args.seconds, args.size)
+            rate, cpu = measure(top / mode, mode, args.threads, args.seconds, args.size)
+            rates[mode], rates[f"{mode}_cpu_us"] = rate, cpu
             print(
-                f"{mode:5}: {rates[mode]:8,.0f} files/s ({args.threads} threads, "
-                f"{args.size} octets)",
+                f"{mode:5}: {rate:8,.0f} files/s, CPU {cpu:5,.0f} µs/file ({args.threads} "
+                f"threads, {args.size} octets)",
                 flush=True,
             )
     finally:

@@ -416,6 +416,14 @@ ROWS = (
     ),
     Row(
         "1k-maildir",
+        "disk_cpu_us",
+        "raw disk (group): its CPU per file (µs)",
+        "{:,.0f}",
+        False,
+        compare=False,
+    ),
+    Row(
+        "1k-maildir",
         "disk_file",
         "raw disk, 40 threads: 1 KB fsync + rename, new/ not fsynced (files/s)",
         "{:,.0f}",
@@ -564,7 +572,11 @@ def disk_rates(directory: Path, seconds: float, cpus: frozenset[int] | None) -> 
     if done.returncode != 0 or not lines:
         raise ClientFailed(f"disk.py: {done.stderr.decode(errors='replace').strip()[-2000:]}")
     rates: dict[str, float] = json.loads(lines[-1])
-    return {"disk_group": rates["group"], "disk_file": rates["file"]}
+    return {
+        "disk_group": rates["group"],
+        "disk_file": rates["file"],
+        "disk_cpu_us": rates.get("group_cpu_us", 0.0),
+    }
 
 
 def count_files(maildir: Path) -> int:
