@@ -8,6 +8,7 @@ table. See tests/bench/README.md for what each figure means.
     python -m tests.bench.run --quick              # one round, small counts, ~1 minute
     python -m tests.bench.run --targets aiosmtpd,minismtp-trio --scenarios 1k,latency
     python -m tests.bench.run --profile            # also py-spy the 1 KB run of every server
+    python -m tests.bench.run --targets aiosmtpd,minismtp-auto --scenarios 1k-maildir,10mb-dots-maildir
 """
 
 from __future__ import annotations
@@ -457,8 +458,8 @@ SCENARIOS = tuple(dict.fromkeys(r.scenario for r in ROWS))
 FRESH = ("rss-idle", "rss-10mb")  # peak RSS needs a server that has done nothing else
 # Into a Maildir, each server in a fresh one; only servers with a Maildir store run these.
 DURABLE = ("1k-maildir", "10mb-dots-maildir")
-# Run by default: the durable scenarios are asked for by name (they take about a minute per
-# server and round, most of it waiting for the disk, and write ~200 MB each round).
+# Run by default: the durable scenarios are asked for by name (about half a minute per server
+# and round, much of it waiting for the disk, and a few hundred MB written per server).
 DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s not in DURABLE)
 BIG = ("10mb", "10mb-dots", "10mb-dots-maildir")  # 10 MB messages over 4 sessions
 
