@@ -8,6 +8,7 @@ table. See tests/bench/README.md for what each figure means.
     python -m tests.bench.run --quick              # one round, small counts, ~1 minute
     python -m tests.bench.run --targets aiosmtpd,minismtp-trio --scenarios 1k,latency
     python -m tests.bench.run --profile            # also py-spy the 1 KB run of every server
+    python -m tests.bench.run --targets aiosmtpd,minismtp-auto --scenarios 1k-maildir,10mb-dots-maildir
 """
 
 from __future__ import annotations
@@ -59,6 +60,14 @@ class Target:
     label: str
     argv: tuple[str, ...]  # "{port}" is replaced by a free port for servers that print no port
     env: tuple[tuple[str, str], ...] = ()
+    # The command that stores every message in the Maildir "{maildir}" (the durable scenarios);
+    # None: the server has no such store, and those scenarios skip it.
+    maildir_argv: tuple[str, ...] | None = None
+
+    def storing_in(self, maildir: Path) -> Target:
+        assert self.maildir_argv is not None
+        argv = tuple(a.replace("{maildir}", str(maildir)) for a in self.maildir_argv)
+        return attrs.evolve(self, argv=argv)
 
 
 def minismtp_command() -> list[str]:
@@ -68,25 +77,42 @@ def minismtp_command() -> list[str]:
 
 def all_targets(smtp_sink: str | None, minismtp_args: Sequence[str] = ()) -> dict[str, Target]:
     aiosmtpd = (sys.executable, "-m", "tests.bench.aiosmtpd_server", "--port", "0")
+    mailbox = ("--maildir", "{maildir}")  # aiosmtpd's own Maildir handler
     targets = [
-        Target("aiosmtpd", "aiosmtpd 1.4.6 (asyncio)", aiosmtpd),
-        Target("aiosmtpd-uvloop", "aiosmtpd 1.4.6 (uvloop)", (*aiosmtpd, "--loop", "uvloop")),
+        Target("aiosmtpd", "aiosmtpd 1.4.6 (asyncio)", aiosmtpd, (), (*aiosmtpd, *mailbox)),
+        Target(
+            "aiosmtpd-uvloop",
+            "aiosmtpd 1.4.6 (uvloop)",
+            (*aiosmtpd, "--loop", "uvloop"),
+            (),
+            (*aiosmtpd, "--loop", "uvloop", *mailbox),
+        ),
+        Target(
+            "sink-asyncio",
+            "bare asyncio Protocol sink (uvloop)",
+            (sys.executable, "-m", "tests.bench.protocol_sink", "--port", "0"),
+        ),
     ]
 
-    def minismtp(name: str, label: str, app: str, loop: str) -> Target:
+    def minismtp(name: str, label: str, app: str, loop: str, durable: bool) -> Target:
         options = (
             "--port", "0", "--loop", loop, "--max-connections", "4096",
             "--max-connections-per-address", "0", *minismtp_args,
         )  # fmt: skip
-        return Target(name, label, (*minismtp_command(), "run", app, *options))
+        command = (*minismtp_command(), "run")
+        # Durable: the embedded default (no APP), whose store is the Maildir: `minismtp run
+        # --maildir DIR` as an operator runs it.
+        maildir = (*command, "--maildir", "{maildir}", *options) if durable else None
+        return Target(name, label, (*command, app, *options), (), maildir)
 
     for loop in ("auto", "asyncio", "uvloop", "trio"):
         label = f"minismtp --loop {loop}"
-        targets.append(minismtp(f"minismtp-{loop}", label, "tests.bench.minismtp_app:app", loop))
+        app = "tests.bench.minismtp_app:app"
+        targets.append(minismtp(f"minismtp-{loop}", label, app, loop, durable=True))
     for loop in ("auto", "asyncio", "trio"):  # the same App without its two middleware
         label = f"minismtp, no middleware, --loop {loop}"
         app = "tests.bench.minismtp_app:bare"
-        targets.append(minismtp(f"minismtp-bare-{loop}", label, app, loop))
+        targets.append(minismtp(f"minismtp-bare-{loop}", label, app, loop, durable=False))
     if smtp_sink is not None:  # Postfix's C sink: a reference point, not a contender
         targets.append(
             Target(
@@ -361,6 +387,7 @@ class Row:
     label: str
     fmt: str
     higher_is_better: bool
+    compare: bool = True  # show the ratio to the baseline (not for the disk's own rate)
 
 
 ROWS = (
@@ -377,9 +404,64 @@ ROWS = (
     Row("rss-idle", "rss_mb", "peak RSS, 1,000 idle connections (MB)", "{:,.1f}", False),
     Row("rss-idle", "kb_per_conn", "RSS growth per idle connection (KB)", "{:,.1f}", False),
     Row("rss-10mb", "rss_mb", "peak RSS, 4 concurrent 10 MB messages (MB)", "{:,.1f}", False),
+    # The durable path: every message fsynced into a Maildir before its 250.
+    Row("1k-maildir", "msgs_per_s", "1 KB into a Maildir, 50 sessions: msgs/s", "{:,.0f}", True),
+    Row("1k-maildir", "cpu_us", "1 KB into a Maildir: server CPU/msg (µs)", "{:,.0f}", False),
+    Row(
+        "1k-maildir",
+        "disk_group",
+        "raw disk, 40 threads: 1 KB fsync + rename + group fsync of new/ (files/s)",
+        "{:,.0f}",
+        True,
+        compare=False,
+    ),
+    Row(
+        "1k-maildir",
+        "disk_cpu_us",
+        "raw disk (group): its CPU per file (µs)",
+        "{:,.0f}",
+        False,
+        compare=False,
+    ),
+    Row(
+        "1k-maildir",
+        "disk_file",
+        "raw disk, 40 threads: 1 KB fsync + rename, new/ not fsynced (files/s)",
+        "{:,.0f}",
+        True,
+        compare=False,
+    ),
+    Row(
+        "1k-maildir",
+        "of_disk",
+        "1 KB into a Maildir: msgs/s / raw disk (group) files/s",
+        "{:.0%}",
+        True,
+        compare=False,
+    ),
+    Row(
+        "10mb-dots-maildir",
+        "mb_per_s",
+        "10 MB dot-stuffed into a Maildir, 4 sessions: MB/s",
+        "{:,.0f}",
+        True,
+    ),
+    Row(
+        "10mb-dots-maildir",
+        "cpu_ms_per_mb",
+        "10 MB dot-stuffed into a Maildir: CPU/MB (ms)",
+        "{:,.2f}",
+        False,
+    ),
 )
 SCENARIOS = tuple(dict.fromkeys(r.scenario for r in ROWS))
 FRESH = ("rss-idle", "rss-10mb")  # peak RSS needs a server that has done nothing else
+# Into a Maildir, each server in a fresh one; only servers with a Maildir store run these.
+DURABLE = ("1k-maildir", "10mb-dots-maildir")
+# Run by default: the durable scenarios are asked for by name (about half a minute per server
+# and round, much of it waiting for the disk, and a few hundred MB written per server).
+DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s not in DURABLE)
+BIG = ("10mb", "10mb-dots", "10mb-dots-maildir")  # 10 MB messages over 4 sessions
 
 
 @attrs.frozen
@@ -391,10 +473,12 @@ class Sizes:
     latency: int = 2_000  # sequential messages
     idle: int = 1_000  # idle connections
     warmup: int = 2_000  # 1 KB messages before measuring, not measured (see warm_up)
+    durable: int = 10_000  # 1 KB messages into a Maildir per run
+    disk_seconds: float = 3.0  # per way of the raw disk's rate (tests/bench/disk.py)
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(small=5_000, big=4, latency=500, warmup=1_000)
+        return cls(small=5_000, big=4, latency=500, warmup=1_000, durable=2_000, disk_seconds=2)
 
 
 def load_metrics(
@@ -435,10 +519,8 @@ def our_cpu() -> float:
 def warm_up(scenario: str, server: Server, clients: Clients, sizes: Sizes) -> None:
     """A first taste of the scenario's own load, not measured: the first messages of a fresh
     process pay for its heap's growth (10 MB messages: a fifth more CPU per MB)."""
-    if scenario in ("10mb", "10mb-dots"):
-        clients.load(
-            server, sessions=4, messages=4, size=10 * MIB, dot_stuffed=scenario[-4:] == "dots"
-        )
+    if scenario in BIG:
+        clients.load(server, sessions=4, messages=4, size=10 * MIB, dot_stuffed="dots" in scenario)
     elif scenario not in FRESH:
         clients.load(server, sessions=50, messages=sizes.warmup, size=1024)
 
@@ -452,8 +534,13 @@ def measure(scenario: str, server: Server, clients: Clients, sizes: Sizes) -> di
             n,
             1024,
         )
-    if scenario in ("10mb", "10mb-dots"):
-        n, dots = sizes.big, scenario == "10mb-dots"
+    if scenario == "1k-maildir":
+        n = sizes.durable
+        return load_metrics(
+            server, lambda: clients.load(server, sessions=50, messages=n, size=1024), n, 1024
+        )
+    if scenario in BIG:
+        n, dots = sizes.big, "dots" in scenario
         return load_metrics(
             server,
             lambda: clients.load(server, sessions=4, messages=n, size=10 * MIB, dot_stuffed=dots),
@@ -472,6 +559,32 @@ def measure(scenario: str, server: Server, clients: Clients, sizes: Sizes) -> di
         clients.load(server, sessions=4, messages=4, size=10 * MIB)
         return {"rss_mb": server.memory_mb()}
     raise ValueError(scenario)
+
+
+def disk_rates(directory: Path, seconds: float, cpus: frozenset[int] | None) -> dict[str, float]:
+    """The raw rate of the disk under ``directory`` (tests/bench/disk.py), in files/s, both
+    ways; run where the servers run, since a server's writes are made from its own CPU."""
+    argv = [sys.executable, "-m", "tests.bench.disk", "--dir", str(directory), "--keep"]
+    argv += ["--seconds", str(seconds), "--threads", "40"]
+    done = subprocess.run(
+        argv, cwd=ROOT, capture_output=True, timeout=60 + 4 * seconds, preexec_fn=on_cpus(cpus)
+    )
+    lines = done.stdout.decode().strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise ClientFailed(f"disk.py: {done.stderr.decode(errors='replace').strip()[-2000:]}")
+    rates: dict[str, float] = json.loads(lines[-1])
+    return {
+        "disk_group": rates["group"],
+        "disk_file": rates["file"],
+        "disk_cpu_us": rates.get("group_cpu_us", 0.0),
+    }
+
+
+def count_files(maildir: Path) -> int:
+    """Messages delivered into ``maildir`` (in new/, or cur/ had a reader moved them)."""
+    return sum(
+        1 for sub in ("new", "cur") if (maildir / sub).is_dir() for _ in (maildir / sub).iterdir()
+    )
 
 
 @contextmanager
@@ -507,17 +620,22 @@ class Bench:
     loops: dict[str, str] = attrs.field(factory=dict)
     delivered: dict[str, list[int]] = attrs.field(factory=dict)  # target -> [sent, counted]
     server_cpus: frozenset[int] | None = None
+    maildir_root: Path = Path(tempfile.gettempdir())  # the durable scenarios' file system
     cpus_awake: bool = False  # idle CPUs polled instead of halting (see cpus_kept_awake)
 
-    def server(self, target: Target, tag: str) -> Server:
+    def server(self, target: Target, tag: str, maildir: Path | None = None) -> Server:
         log = self.workdir / f"{target.name}-{tag}.log"
+        if maildir is not None:
+            target = target.storing_in(maildir)
         server = Server(target, log, self.source.path, cpus=self.server_cpus)
         server.start()
         self.loops[target.name] = server.loop
         return server
 
-    def stop(self, server: Server) -> None:
+    def stop(self, server: Server, maildir: Path | None = None) -> None:
         counted = server.stop()
+        if maildir is not None:  # what landed on the disk, not what the server says
+            counted = count_files(maildir)
         if counted is not None:
             totals = self.delivered.setdefault(server.target.name, [0, 0])
             totals[0] += server.sent
@@ -531,23 +649,48 @@ class Bench:
             lines.append(f"{name} {counted:,}/{sent:,} {verdict}")
         return all(s == c for s, c in self.delivered.values()), "; ".join(lines)
 
+    @property
+    def trash(self) -> Path:
+        """Where the durable scenarios' files stay until the end of the run."""
+        return self.maildir_root / f"{self.workdir.name}-maildirs"
+
     def run(self) -> None:
-        for round_no in range(1, self.rounds + 1):
-            for scenario in self.scenarios:
-                for target in self.targets:  # A B A B ...: every server in every round
-                    self.one(scenario, target, round_no)
+        if any(s in DURABLE for s in self.scenarios):
+            self.trash.mkdir(parents=True, exist_ok=True)
+        try:
+            for round_no in range(1, self.rounds + 1):
+                for scenario in self.scenarios:
+                    for target in self.targets:  # A B A B ...: every server in every round
+                        self.one(scenario, target, round_no)
+        finally:
+            shutil.rmtree(self.trash, ignore_errors=True)
 
     def one(self, scenario: str, target: Target, round_no: int) -> None:
         """One measurement, on a server of its own: what a process did before (a heap grown
         by 10 MB messages, say) must not change the next figure. aiosmtpd's CPU per 1 KB
         message fell by a quarter once the 10 MB scenarios had run in the same process."""
-        server = self.server(target, f"{scenario}-{round_no}")
+        maildir = None
+        if scenario in DURABLE:
+            if target.maildir_argv is None:
+                if round_no == 1:
+                    progress(f"{scenario}: {target.name} has no Maildir store, skipped")
+                return
+            # Left in the trash: removing 12,000 files would slow every file creation on the
+            # file system for the next 10-15 s (see disk.py), i.e. the next server's run.
+            maildir = self.trash / f"maildir-{target.name}-{scenario}-{round_no}"
+        server = self.server(target, f"{scenario}-{round_no}", maildir)
         try:
             with blame(server):
                 warm_up(scenario, server, self.clients, self.sizes)
                 values = measure(scenario, server, self.clients, self.sizes)
         finally:
-            self.stop(server)
+            self.stop(server, maildir)
+            if maildir is not None and scenario in BIG:
+                shutil.rmtree(maildir, ignore_errors=True)  # a few large files
+        if scenario == "1k-maildir":
+            # The disk's own rate, on the same file system, right after the server's run.
+            values.update(disk_rates(self.trash, self.sizes.disk_seconds, self.server_cpus))
+            values["of_disk"] = values["msgs_per_s"] / values["disk_group"]
         for metric, value in values.items():
             self.results[scenario][metric].setdefault(target.name, []).append(value)
         shown = ", ".join(
@@ -587,7 +730,7 @@ def markdown_table(bench: Bench) -> str:
                 cells.append("-")
                 continue
             cell = row.fmt.format(value)
-            if base and name != BASELINE:
+            if base and name != BASELINE and row.compare:
                 cell += f" (x{value / base:.2f}{round_ratios(bench, row, name)})"
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
@@ -637,6 +780,13 @@ def describe(bench: Bench, elapsed: float, load: float) -> str:
         if bench.cpus_awake
         else " Idle CPUs could halt (the servers paid the clients' wake-ups)."
     )
+    durable = (
+        f"; {sizes.durable:,} x 1 KB into a Maildir (minismtp: `minismtp run --maildir`, "
+        f"aiosmtpd: its Mailbox handler), the raw disk rate (tests/bench/disk.py) measured "
+        f"for {sizes.disk_seconds:g} s each way after each such run, on the same file system"
+        if "1k-maildir" in bench.scenarios
+        else ""
+    )
     return "\n".join(
         [
             f"minismtp {bench.source.describe}; {', '.join(versions)}; {os.cpu_count()} CPUs "
@@ -645,7 +795,7 @@ def describe(bench: Bench, elapsed: float, load: float) -> str:
             f"Clients: {c.which()} for plain 1 KB and 10 MB, client.py ({c.procs} processes, "
             f"uvloop) for PIPELINING, dot-stuffed, latency and idle connections. Per run: "
             f"{sizes.small:,} x 1 KB, {sizes.big} x 10 MB, {sizes.latency:,} sequential, "
-            f"{sizes.idle:,} idle connections.{pinning}{awake} Ratios: minismtp / aiosmtpd in "
+            f"{sizes.idle:,} idle connections{durable}.{pinning}{awake} Ratios: minismtp / aiosmtpd in "
             f"the same run (↑ higher is better, ↓ lower is better). {quiet}",
         ]
     )
@@ -868,13 +1018,14 @@ def main(argv: list[str] | None = None) -> int:
         default=list(DEFAULT_TARGETS),
         help="comma-separated servers: aiosmtpd, minismtp-{auto,asyncio,uvloop,trio}, "
         "minismtp-bare-{auto,asyncio,trio} (the App without middleware), aiosmtpd-uvloop, "
-        "smtp-sink (default: %(default)s)",
+        "sink-asyncio (our bare asyncio.Protocol sink), smtp-sink (default: %(default)s)",
     )
     parser.add_argument(
         "--scenarios",
         type=csv,
-        default=list(SCENARIOS),
-        help=f"comma-separated subset of {', '.join(SCENARIOS)} (default: all)",
+        default=list(DEFAULT_SCENARIOS),
+        help=f"comma-separated subset of {', '.join(SCENARIOS)} (default: all but "
+        f"{', '.join(DURABLE)})",
     )
     parser.add_argument("--quick", action="store_true", help="small counts, one round")
     parser.add_argument("--rounds", type=int, help="rounds (default: 3, or 1 with --quick)")
@@ -910,6 +1061,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="REV",
         help="serve minismtp from a snapshot of this commit (git archive) instead of the tree",
     )
+    parser.add_argument(
+        "--maildir-root",
+        type=Path,
+        default=Path(tempfile.gettempdir()),
+        help="where the durable scenarios' Maildirs and the raw disk rate's files go, on the "
+        "file system to measure (default: %(default)s)",
+    )
     parser.add_argument("--json", type=Path, help="also write every measured value here")
     parser.add_argument("--workdir", type=Path, help="server logs and profiles (default: temp)")
     args = parser.parse_args(argv)
@@ -939,6 +1097,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir=workdir,
         source=source_tree(args.commit, workdir),
         server_cpus=server_cpus,
+        maildir_root=args.maildir_root,
     )
     progress(f"logs in {workdir}")
     with (
