@@ -100,19 +100,11 @@ class Message:
     ) -> Message:
         """A message over ``data`` (held in memory), whose first ``trace_length`` octets are
         trace fields put in front of the client's content (ours, when stored earlier)."""
-        return cls(
-            id or new_id(),
-            mail_from or Address.null(),
-            tuple(rcpt_to),
-            peer,
-            helo_name,
-            tls,
-            time.time() if received_at is None else received_at,
-            mail_params or {},
-            tuple(rcpt_params),
-            Spool.from_bytes(data),
-            trace_length,
-        )
+        spool = Spool.from_bytes(data)
+        return cls._over(
+            spool, trace_length, id, mail_from, rcpt_to, peer, helo_name, tls,
+            received_at, mail_params, rcpt_params,
+        )  # fmt: skip
 
     @classmethod
     def from_file(
@@ -133,6 +125,28 @@ class Message:
     ) -> Message:
         """A message over the file at ``path``, which is read, not loaded. ``owned``: the
         message removes the file when it is closed (or garbage collected)."""
+        spool = Spool.from_file(path, owned=owned)
+        return cls._over(
+            spool, trace_length, id, mail_from, rcpt_to, peer, helo_name, tls,
+            received_at, mail_params, rcpt_params,
+        )  # fmt: skip
+
+    @classmethod
+    def _over(
+        cls,
+        spool: Spool,
+        trace_length: int,
+        id: str | None,
+        mail_from: Address | None,
+        rcpt_to: tuple[Address, ...],
+        peer: tuple[str, int],
+        helo_name: str | None,
+        tls: TLSInfo | None,
+        received_at: float | None,
+        mail_params: dict[str, str | None] | None,
+        rcpt_params: tuple[dict[str, str | None], ...],
+    ) -> Message:
+        # The defaults of from_bytes and from_file, filled in once.
         return cls(
             id or new_id(),
             mail_from or Address.null(),
@@ -143,7 +157,7 @@ class Message:
             time.time() if received_at is None else received_at,
             mail_params or {},
             tuple(rcpt_params),
-            Spool.from_file(path, owned=owned),
+            spool,
             trace_length,
         )
 

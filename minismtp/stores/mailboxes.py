@@ -39,7 +39,7 @@ import attrs
 
 from minismtp.replies import LOCAL_ERROR
 from minismtp.spool import STALE_AFTER, Spool, clean_directory
-from minismtp.stores.maildir import _safe_hostname, unique_name
+from minismtp.stores.maildir import DirectorySync, _safe_hostname, unique_name
 from minismtp.types import Address, Reply
 
 if TYPE_CHECKING:
@@ -69,40 +69,6 @@ def _reply_for(error: OSError) -> Reply:
 
 
 @attrs.define(eq=False)
-class _DirectorySync:
-    """Group commit of one ``new/`` folder: a put waits for an fsync of the folder that
-    started after its link; links made while an fsync runs share the next one."""
-
-    path: Path
-    linked: int = 0  # links made into the folder
-    synced: int = 0  # of which covered by a finished fsync
-    syncing: anyio.Event | None = None
-
-    async def commit(self, ticket: int) -> None:
-        while self.synced < ticket:
-            syncing = self.syncing
-            if syncing is not None:
-                await syncing.wait()
-                continue
-            covered = self.linked
-            self.syncing = done = anyio.Event()
-            try:
-                await anyio.to_thread.run_sync(_fsync_directory, self.path)
-                self.synced = max(self.synced, covered)
-            finally:
-                self.syncing = None
-                done.set()
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@attrs.define(eq=False)
 class _Delivery:
     """What the blocking part of one put did: outcomes, and the folders to fsync."""
 
@@ -124,7 +90,7 @@ class Mailboxes:
     mailbox: MailboxMap | None = None
     create: bool = False
     hostname: str = attrs.field(factory=_safe_hostname)
-    _syncs: dict[Path, _DirectorySync] = attrs.field(factory=dict, init=False)
+    _syncs: dict[Path, DirectorySync] = attrs.field(factory=dict, init=False)
 
     @property
     def spool_dir(self) -> Path:
@@ -184,16 +150,15 @@ class Mailboxes:
         new = mailbox / "new"
         sync = self._syncs.get(new)
         if sync is None:
-            sync = self._syncs[new] = _DirectorySync(new)
-        sync.linked += 1
+            sync = self._syncs[new] = DirectorySync(new)
         try:
-            await sync.commit(sync.linked)
+            await sync.added()
         except OSError as exc:
             logger.error("fsync of %s failed: %s", new, exc)
             failed[mailbox] = _reply_for(exc)
         finally:
             # Nobody waits on it any more: let it go (a server may serve many mailboxes).
-            if sync.syncing is None and sync.synced >= sync.linked:
+            if sync.idle:
                 self._syncs.pop(new, None)
 
     # -- the blocking part, in a worker thread ----------------------------------------------

@@ -29,6 +29,54 @@ from minismtp.spool import STALE_AFTER, clean_directory
 if TYPE_CHECKING:
     from minismtp.message import Message
 
+
+@attrs.define(eq=False)
+class DirectorySync:
+    """Group commit of one folder: an entry made in it (a rename, a link) is durable once an
+    fsync of the folder that started after it is done; entries made while an fsync runs share
+    the next one."""
+
+    path: Path
+    made: int = 0  # entries made in the folder
+    synced: int = 0  # of which covered by a finished fsync
+    syncs: int = 0  # fsyncs finished
+    syncing: anyio.Event | None = None
+
+    @property
+    def idle(self) -> bool:
+        """Nobody waits for an fsync of this folder."""
+        return self.syncing is None and self.synced >= self.made
+
+    async def added(self) -> None:
+        """Count an entry just made in the folder in; return once an fsync covers it."""
+        self.made += 1
+        ticket = self.made
+        while self.synced < ticket:
+            syncing = self.syncing
+            if syncing is not None:
+                # An fsync is running, but it may have started before our entry: wait for it,
+                # then look again (the loop may make us the leader of the next one).
+                await syncing.wait()
+                continue
+            covered = self.made
+            self.syncing = done = anyio.Event()
+            try:
+                await anyio.to_thread.run_sync(fsync_directory, self.path)
+                self.syncs += 1
+                self.synced = max(self.synced, covered)
+            finally:
+                self.syncing = None
+                done.set()
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 __all__ = ["Maildir", "MaildirError", "check_writable", "unique_name"]
 
 _counter = itertools.count(1)
@@ -88,12 +136,16 @@ class Maildir:
 
     path: Path = attrs.field(converter=Path)
     hostname: str = attrs.field(factory=_safe_hostname)
-    #: How many times ``new/`` was fsynced (fewer than deliveries under load: group commit).
-    directory_syncs: int = attrs.field(default=0, init=False)
     _created: bool = attrs.field(default=False, init=False)
-    _renamed: int = attrs.field(default=0, init=False)  # deliveries renamed into new/
-    _synced: int = attrs.field(default=0, init=False)  # of which covered by a directory fsync
-    _syncing: anyio.Event | None = attrs.field(default=None, init=False)
+    _new_sync: DirectorySync = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._new_sync = DirectorySync(self.new)
+
+    @property
+    def directory_syncs(self) -> int:
+        """How many times ``new/`` was fsynced (fewer than deliveries under load: group commit)."""
+        return self._new_sync.syncs
 
     @property
     def new(self) -> Path:
@@ -137,8 +189,7 @@ class Maildir:
         that file, renamed; one in memory (or spooled elsewhere) is written out first.
         """
         await anyio.to_thread.run_sync(self._store, unique_name(self.hostname), message)
-        self._renamed += 1
-        await self._commit(self._renamed)
+        await self._new_sync.added()
 
     async def deliver(self, data: bytes) -> Path:
         """Store ``data`` (a whole message) durably in ``new/``; returns the file's path."""
@@ -182,29 +233,3 @@ class Maildir:
             tmp.unlink(missing_ok=True)
             raise
         return new
-
-    async def _commit(self, ticket: int) -> None:
-        """Return once a directory fsync that started after rename number ``ticket`` is done."""
-        while self._synced < ticket:
-            syncing = self._syncing
-            if syncing is not None:
-                # An fsync is running, but it may have started before our rename: wait for it,
-                # then look again (the loop may make us the leader of the next one).
-                await syncing.wait()
-                continue
-            covered = self._renamed
-            self._syncing = done = anyio.Event()
-            try:
-                await anyio.to_thread.run_sync(self._sync_directory)
-                self.directory_syncs += 1
-                self._synced = max(self._synced, covered)
-            finally:
-                self._syncing = None
-                done.set()
-
-    def _sync_directory(self) -> None:
-        fd = os.open(self.new, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

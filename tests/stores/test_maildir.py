@@ -14,6 +14,7 @@ import anyio
 import pytest
 
 from minismtp.maildir import Maildir, unique_name
+from minismtp.stores import maildir
 
 pytestmark = pytest.mark.anyio
 
@@ -87,7 +88,7 @@ async def test_group_commit_every_put_returns_after_an_fsync_that_covers_it(
     renamed = threading.Condition()
     written = 0
     real_write = Maildir._write
-    real_sync = Maildir._sync_directory
+    real_sync = maildir.fsync_directory
 
     def write(self: Maildir, name: str, content: Callable[[int], None]) -> Path:
         nonlocal written
@@ -97,15 +98,15 @@ async def test_group_commit_every_put_returns_after_an_fsync_that_covers_it(
             renamed.notify_all()
         return path
 
-    def sync_directory(self: Maildir) -> None:
+    def sync_directory(path: Path) -> None:
         with renamed:  # hold the first fsync until every delivery has renamed its file
             assert renamed.wait_for(lambda: written == count, timeout=10)
-        seen = set(os.listdir(self.new))  # what this fsync is sure to cover
-        real_sync(self)
+        seen = set(os.listdir(path))  # what this fsync is sure to cover
+        real_sync(path)
         covered.update(seen)
 
     monkeypatch.setattr(Maildir, "_write", write)
-    monkeypatch.setattr(Maildir, "_sync_directory", sync_directory)
+    monkeypatch.setattr(maildir, "fsync_directory", sync_directory)
     returned: list[Path] = []
 
     async def put(i: int) -> None:
