@@ -4,93 +4,23 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import smtplib
 import socket
 import stat
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
-import attrs
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers.processes import ROOT, Running, minismtp, spawned
+
 BODY = b"Subject: cli\r\n\r\nOver LMTP.\r\n"
 UNIX_LISTENING = r"^minismtp listening on unix:(\S+) \((.+)\)$"
 
 
-@attrs.define
-class Running:
-    process: subprocess.Popen[str]
-    stdout: list[str] = attrs.field(factory=list)
-    stderr: list[str] = attrs.field(factory=list)
-    _changed: threading.Condition = attrs.field(factory=threading.Condition)
-    _ended: set[str] = attrs.field(factory=set)
-
-    def collect(self, stream: str) -> None:
-        for line in getattr(self.process, stream):
-            with self._changed:
-                getattr(self, stream).append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._ended.add(stream)
-            self._changed.notify_all()
-
-    def wait_for(self, stream: str, pattern: str, timeout: float = 20) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        regex = re.compile(pattern)
-        with self._changed:
-            while True:
-                for line in getattr(self, stream):
-                    if match := regex.search(line):
-                        return match
-                left = deadline - time.monotonic()
-                if left <= 0 or stream in self._ended:
-                    raise AssertionError(f"no {pattern!r}: {self.stdout!r} {self.stderr!r}")
-                self._changed.wait(left)
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=30)
-
-
-@contextmanager
-def run(*args: str, cwd: Path = ROOT, ready: str = UNIX_LISTENING) -> Iterator[Running]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "minismtp", "run", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    running = Running(process)
-    readers = [
-        threading.Thread(target=running.collect, args=(s,), daemon=True)
-        for s in ("stdout", "stderr")
-    ]
-    for reader in readers:
-        reader.start()
-    try:
-        running.wait_for("stdout", ready)
-        yield running
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for reader in readers:
-            reader.join(timeout=5)
-
-
-def minismtp(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "minismtp", *args], cwd=cwd, capture_output=True, text=True,
-        timeout=30,
-    )  # fmt: skip
+def run(*args: str, cwd: Path = ROOT) -> AbstractContextManager[Running]:
+    """``minismtp run ARGS`` until the block ends, once it listens on its unix socket."""
+    return spawned("run", *args, cwd=cwd, ready=UNIX_LISTENING)
 
 
 def lmtp_send(path: Path, recipients: list[str]) -> dict[str, tuple[int, bytes]]:

@@ -63,6 +63,18 @@ class Running:
     _changed: threading.Condition = attrs.field(factory=threading.Condition)
     _ended: set[str] = attrs.field(factory=set)  # streams read to their end
 
+    @classmethod
+    def reading(cls, process: subprocess.Popen[str]) -> tuple[Running, list[threading.Thread]]:
+        """A Running for ``process``, with a thread collecting each of its output streams."""
+        running = cls(process)
+        readers = [
+            threading.Thread(target=running._collect, args=(stream,), daemon=True)
+            for stream in ("stdout", "stderr")
+        ]
+        for reader in readers:
+            reader.start()
+        return running, readers
+
     def _collect(self, stream: str) -> None:
         pipe = getattr(self.process, stream)
         lines = getattr(self, stream)
@@ -138,13 +150,7 @@ def run(*args: str, cwd: Path = ROOT, wrapper: Sequence[str] = (), **env: str) -
         stderr=subprocess.PIPE,
         text=True,
     )
-    running = Running(process)
-    readers = [
-        threading.Thread(target=running._collect, args=(stream,), daemon=True)
-        for stream in ("stdout", "stderr")
-    ]
-    for reader in readers:
-        reader.start()
+    running, readers = Running.reading(process)
     try:
         first = running.wait_for("stdout", LISTENING)
         running.port, running.loop = int(first.group(1)), first.group(2)
@@ -165,7 +171,7 @@ def run(*args: str, cwd: Path = ROOT, wrapper: Sequence[str] = (), **env: str) -
 
 @contextmanager
 def spawned(
-    *args: str, env: Mapping[str, str] | None = None, ready: str | None = None
+    *args: str, cwd: Path = ROOT, env: Mapping[str, str] | None = None, ready: str | None = None
 ) -> Iterator[Running]:
     """``python -m minismtp ARGS`` until the block ends (then killed if still running): any
     subcommand (``run``, ``consume``), for tests that kill and restart processes.
@@ -174,20 +180,14 @@ def spawned(
     """
     process = subprocess.Popen(
         [sys.executable, "-m", "minismtp", *args],
-        cwd=ROOT,
+        cwd=cwd,
         env=project_env(**(env or {})),
         stdin=subprocess.PIPE,  # a worker of --workers watches it for its parent's end
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    running = Running(process)
-    readers = [
-        threading.Thread(target=running._collect, args=(stream,), daemon=True)
-        for stream in ("stdout", "stderr")
-    ]
-    for reader in readers:
-        reader.start()
+    running, readers = Running.reading(process)
     try:
         if ready is not None:
             match = running.wait_for("stdout", ready)

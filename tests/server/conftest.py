@@ -1,9 +1,20 @@
-"""The server's tests run twice on asyncio and uvloop: with the inline fast path
-(:mod:`minismtp.inline`) and without it (every App call in the connection's task)."""
+"""The server's tests run on asyncio, uvloop and trio; on asyncio and uvloop twice: with the
+inline fast path (:mod:`minismtp.inline`) and without it (every App call in the connection's
+task)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+
+from tests.helpers.backends import with_uvloop
+
+
+@pytest.fixture(params=with_uvloop(), scope="module")
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    """asyncio and uvloop take the server's Protocol path, trio its own socket wire."""
+    return request.param
 
 
 @pytest.fixture(autouse=True, params=["inline", "task"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 import struct
 from collections import Counter
-from typing import Any
 
 import anyio
 import attrs
@@ -18,16 +17,10 @@ from minismtp.events import Connect, Disconnect, Event, Handler
 from minismtp.server import Server, ServerConfig, serve
 from minismtp.testing import TestClient
 from minismtp.types import Address, Reply, Session, Transaction
-from tests.helpers.backends import with_uvloop
 from tests.helpers.clients import Connect as ConnectTo
 from tests.helpers.clients import WireClient
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=with_uvloop(), scope="module")
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
 
 
 @attrs.define

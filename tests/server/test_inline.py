@@ -5,24 +5,17 @@ from __future__ import annotations
 
 import contextvars
 import sys
-from typing import Any
 
 import pytest
 
 from minismtp.app import App
 from minismtp.server import ServerConfig, serve
 from minismtp.types import Address, Session, Transaction
-from tests.helpers.backends import with_uvloop
 from tests.helpers.clients import Connect
 
 pytestmark = pytest.mark.anyio
 
 VARIABLE: contextvars.ContextVar[str] = contextvars.ContextVar("VARIABLE", default="unset")
-
-
-@pytest.fixture(params=with_uvloop(), scope="module")
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
 
 
 def called_from_the_callback() -> bool:

@@ -11,22 +11,15 @@ from __future__ import annotations
 import selectors
 import socket
 import time
-from typing import Any
 
 import pytest
 
 from minismtp.app import App
 from minismtp.server import ServerConfig, serve
-from tests.helpers.backends import with_uvloop
 
 pytestmark = pytest.mark.anyio
 
 BURST = 300  # three times asyncio's default queue
-
-
-@pytest.fixture(params=with_uvloop(), scope="module")
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
 
 
 async def test_a_burst_of_connections_is_queued_not_dropped() -> None:

@@ -13,7 +13,6 @@ import socket
 import stat
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -25,7 +24,6 @@ from minismtp.server import ServerConfig, SmtpServer, serve
 from minismtp.testing import parse_replies
 from minismtp.types import Address, Transaction
 from minismtp.unix import SocketInUse
-from tests.helpers.backends import with_uvloop
 
 pytestmark = pytest.mark.anyio
 
@@ -35,11 +33,6 @@ BODY = b"Subject: hi\r\n\r\nHello.\r\n"
 def config() -> ServerConfig:
     """Made per test: ServerConfig.inline follows MINISMTP_INLINE (tests/server/conftest.py)."""
     return ServerConfig(shutdown_grace=1.0)
-
-
-@pytest.fixture(params=with_uvloop(), scope="module")
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
 
 
 @pytest.fixture

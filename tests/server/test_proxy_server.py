@@ -7,7 +7,6 @@ import ipaddress
 import logging
 import struct
 from contextlib import AsyncExitStack
-from typing import Any
 
 import anyio
 import pytest
@@ -17,16 +16,10 @@ from minismtp.app import App
 from minismtp.proxy import V2_SIGNATURE, parse_networks
 from minismtp.server import Server, ServerConfig
 from minismtp.types import Session
-from tests.helpers.backends import with_uvloop
 from tests.helpers.certs import Certificates
 from tests.helpers.clients import Connect, FirstWritePrefixed, WireClient
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=with_uvloop(), scope="module")
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
 
 
 @pytest.fixture(params=["auto", "stream"])

@@ -19,15 +19,9 @@ from minismtp.server import Server, ServerConfig, SmtpServer, serve
 from minismtp.trio_wire import TrioSocketWire
 from minismtp.types import Address, Message, Reply, Session, Transaction
 from minismtp.wires import StreamWire
-from tests.helpers.backends import with_uvloop
 from tests.helpers.clients import Connect, WireClient, drain
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=with_uvloop(), scope="module")
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
 
 
 BODY = b"From: a@example.com\r\nSubject: hello\r\n\r\nHello, world.\r\n"

@@ -9,8 +9,6 @@ replies, their order, and that a hook always runs as the connection's own task.
 
 from __future__ import annotations
 
-from typing import Any
-
 import anyio
 import anyio.lowlevel
 import pytest
@@ -19,15 +17,9 @@ from minismtp.app import App
 from minismtp.message import Message
 from minismtp.server import serve
 from minismtp.types import Address, Reply, Session, Transaction
-from tests.helpers.backends import with_uvloop
 from tests.helpers.clients import Connect, WireClient, drain
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=with_uvloop(), scope="module")
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
 
 
 async def send_message(client: WireClient, recipient: str = "b@example.com") -> list[str]:

@@ -25,16 +25,9 @@ from minismtp.message import Message
 from minismtp.server import Server, ServerConfig, serve
 from minismtp.stores.maildir import Maildir
 from minismtp.types import Reply, Transaction
-from tests.helpers.backends import with_uvloop
 from tests.helpers.clients import WireClient, drain
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=with_uvloop(), scope="module")
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    """asyncio and uvloop take the server's Protocol path, trio its own socket wire."""
-    return request.param
 
 
 THRESHOLD = 1024

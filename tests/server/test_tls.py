@@ -6,7 +6,6 @@ import logging
 import smtplib
 import ssl
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
@@ -16,16 +15,10 @@ from minismtp.app import App
 from minismtp.server import Server, ServerConfig, serve
 from minismtp.tls import TLSConfig
 from minismtp.types import Address, Reply, Session, TLSInfo, Transaction
-from tests.helpers.backends import with_uvloop
 from tests.helpers.certs import Certificates, issue_certificates
 from tests.helpers.clients import Connect, WireClient, drain
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=with_uvloop(), scope="module")
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
 
 
 @pytest.fixture(params=["auto", "stream"])

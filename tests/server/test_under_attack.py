@@ -21,18 +21,12 @@ import pytest
 from minismtp.admission import address_key
 from minismtp.app import App
 from minismtp.server import Server, ServerConfig, serve
-from tests.helpers.backends import with_uvloop
 from tests.helpers.clients import Connect, WireClient, drain
 
 pytestmark = pytest.mark.anyio
 
 BODY = b"From: a@example.com\r\nSubject: legitimate\r\n\r\nStill delivered.\r\n"
 FROM_YOUR_ADDRESS = "421 4.7.0 Too many connections from your address"
-
-
-@pytest.fixture(params=with_uvloop(), scope="module")
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
 
 
 @pytest.fixture(params=["auto", "stream"])
