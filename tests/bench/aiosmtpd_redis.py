@@ -16,13 +16,14 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import sys
 import time
 from typing import Any
 
 import redis.asyncio
 from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from tests.bench.serving import serve_until_stopped
 
 
 class RedisHandler:
@@ -61,20 +62,12 @@ class RedisHandler:
 
 
 async def serve(host: str, port: int, url: str, stream: str, loop_name: str) -> None:
-    loop = asyncio.get_running_loop()
     client = redis.asyncio.Redis.from_url(url)
     await client.ping()
     handler = RedisHandler(client, stream)
-    server = await loop.create_server(
-        lambda: SMTP(handler, hostname="mx.example.com"), host=host, port=port, backlog=4096
+    await serve_until_stopped(
+        lambda: SMTP(handler, hostname="mx.example.com"), host, port, "aiosmtpd", loop_name
     )
-    bound_host, bound_port = server.sockets[0].getsockname()[:2]
-    print(f"aiosmtpd listening on {bound_host}:{bound_port} ({loop_name})", flush=True)
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    server.close()
     await client.aclose()
     print(f"aiosmtpd received {handler.count} messages", file=sys.stderr, flush=True)
 

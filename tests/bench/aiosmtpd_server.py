@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from aiosmtpd.handlers import Mailbox
 from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from tests.bench.serving import serve_until_stopped
 
 
 class QueueHandler:
@@ -58,22 +59,13 @@ async def consume(queue: asyncio.Queue[bytes], totals: list[int]) -> None:
 
 
 async def serve(host: str, port: int, loop_name: str, maildir: str | None = None) -> None:
-    loop = asyncio.get_running_loop()
     queue: asyncio.Queue[bytes] = asyncio.Queue()  # maxsize 0: unbounded
     totals = [0, 0]
     consumer = asyncio.create_task(consume(queue, totals))
     handler: Any = QueueHandler(queue) if maildir is None else Mailbox(Path(maildir))
-    server = await loop.create_server(
-        lambda: SMTP(handler, hostname="mx.example.com"), host=host, port=port, backlog=4096
+    await serve_until_stopped(
+        lambda: SMTP(handler, hostname="mx.example.com"), host, port, "aiosmtpd", loop_name
     )
-    bound_host, bound_port = server.sockets[0].getsockname()[:2]
-    print(f"aiosmtpd listening on {bound_host}:{bound_port} ({loop_name})", flush=True)
-
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    server.close()
     consumer.cancel()
     if maildir is None:  # with the Mailbox, the files in new/ are the count
         print(

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from typing import cast
+
+from tests.bench.serving import serve_until_stopped
 
 HOSTNAME = b"sink.example.com"
 GREETING = b"220 " + HOSTNAME + b" ESMTP\r\n"
@@ -153,15 +154,7 @@ class Sink(asyncio.Protocol):
 
 
 async def serve(host: str, port: int) -> None:
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(Sink, host=host, port=port, backlog=4096)
-    bound_host, bound_port = server.sockets[0].getsockname()[:2]
-    print(f"sink-asyncio listening on {bound_host}:{bound_port} (uvloop)", flush=True)
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    server.close()
+    await serve_until_stopped(Sink, host, port, "sink-asyncio", "uvloop")
     print(
         f"sink-asyncio received {totals[0]} messages, {totals[1]} bytes",
         file=sys.stderr,
