@@ -35,20 +35,20 @@ _BARE_LINE_END = re.compile(rb"\r\n|\r|\n")
 # A CR not followed by LF; an LF not preceded by CR; an LF that is bare or starts a line with
 # a dot (stuffed, or the end of data). Each pattern starts with one literal octet, which the
 # re module finds with a tight scan in C; only where it finds one does it look around. That
-# costs about half of counting CRLF, CR and LF on 80-octet lines, but more on short ones (a
-# message of empty lines about 9 ms/MB, five times the counts).
+# beats counting CRLF, CR and LF on lines of usual length, and loses on very short ones
+# (tests/bench/README.md, "Figures behind the server layer's choices").
 _BARE_CR = re.compile(rb"\r(?!\n)")
 _BARE_LF = re.compile(rb"\n(?<!\r\n)")
 _DOT_LINE_OR_BARE_LF = re.compile(rb"\n(?:\.|(?<!\r\n))")
 # The re module also finds these literals faster than bytes.find() and bytes.replace() do
-# (0.3 against 0.44 ms/MB for the end of data; 0.8 against 1.2 to unstuff every line).
+# (measured: tests/bench/README.md).
 _END_OF_DATA = re.compile(rb"\r\n\.\r\n")
 _UNSTUFF = re.compile(rb"\r\n\.")  # a CRLF-dot line start loses its dot
 _CRLF = b"\r\n"
 # Octets as ints: "13 in line" is a memchr, while b"\r" in line costs ten times as much.
 _CR, _LF = ord("\r"), ord("\n")
 # Below this, a read is joined to the tail and scanned as one: copying a few KB costs less
-# than settling its first line apart (about 1.5 µs of Python per read). Also the length from
+# than settling its first line apart (Python's cost per read). Also the length from
 # which a line that does not end is settled as it comes (without a line length limit).
 _SMALL_READ = 16 * 1024
 

@@ -2,7 +2,7 @@
 
 The server writes one INFO line per mail transaction. Written through a plain
 ``StreamHandler``, that line cost a quarter of the server's whole CPU time per 1 KB message
-(45 of 168 µs, measured with ``tests/bench``), most of it the ``write()`` to stderr per line.
+(tests/bench/README.md), most of it the ``write()`` to stderr per line.
 
 So the CLI logs through :class:`BatchingHandler`, which formats each record at once and
 writes the lines out in batches: at most ``interval`` seconds late, at once for a WARNING or

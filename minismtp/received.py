@@ -27,7 +27,7 @@ _HELO_TOKEN = re.compile(r"[A-Za-z0-9.\-_:\[\]\u0080-\U0010ffff]+")
 _UNSAFE_IN_COMMENT = re.compile(r"[^A-Za-z0-9._/+=,:@~-]")
 
 
-@functools.lru_cache(maxsize=4096)  # peers come back; parsing an address costs 3 µs
+@functools.lru_cache(maxsize=4096)  # peers come back, and a lookup costs less than a parse
 def address_literal(host: str) -> str | None:
     """``host`` as an RFC 5321 address literal (``[192.0.2.7]``, ``[IPv6:2001:db8::1]``)."""
     try:

@@ -2,10 +2,10 @@
 
 trio's ``wait_readable`` arms the socket in its epoll on every wait (``EPOLLONESHOT``: an
 ``epoll_ctl`` system call each time) and parks the task under four coroutines of its own and
-a table entry (~1.1 KB per idle connection). Here each connection's socket is registered
-once, edge-triggered, in an epoll of our own, which trio waits on like any other file; a
-read that finds its socket empty parks its task in a table, and one system task wakes the
-parked tasks whose sockets have news.
+a table entry (what that costs per idle connection: tests/bench/README.md). Here each
+connection's socket is registered once, edge-triggered, in an epoll of our own, which trio
+waits on like any other file; a read that finds its socket empty parks its task in a table,
+and one system task wakes the parked tasks whose sockets have news.
 
 Edge-triggered is safe because a reader always tries ``recv`` before it parks, with no
 checkpoint in between: bytes that arrive after that failed try raise a new edge. An edge
