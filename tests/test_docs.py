@@ -149,6 +149,14 @@ def test_python_block_runs(block: Block, tmp_path: Path) -> None:
         assert server.returncode == 0, server.output
         (stored,) = (tmp_path / "maildir" / "new").iterdir()
         assert stored.read_bytes().startswith(b"Received: from ")
+        # The log line the README shows for this message gives the size the server logs.
+        readme = (ROOT / "README.md").read_text(encoding="utf-8")
+        shown = re.search(r"INFO minismtp\.server: session .* size=(\d+) reply=250 ", readme)
+        logged = re.search(
+            r"INFO minismtp\.server: session .* size=(\d+) reply=250 ", server.output
+        )
+        assert shown is not None and logged is not None, server.output
+        assert shown[1] == logged[1], "the README's first-mail log line shows another size"
     else:
         assert block.marker is None, f"{block.where}: marker {block.marker} is not for python"
         (tmp_path / "docs_block.py").write_text(block.code)
