@@ -10,6 +10,15 @@ import attrs
 from minismtp.net import IPNetwork
 from minismtp.proxy import LOOPBACK
 
+# How many bytes one connection may take in one turn of the asyncio event loop before it
+# stops reading until the next turn. uvloop (libuv) reads a ready socket up to 32 times in a
+# row, and the fast path (minismtp.inline) feeds each read through the engine right there: a
+# client streaming a large message could take most of every turn, and the other sessions,
+# accepts and greetings waited behind it (tests/bench/fairness.py). 256 KiB is about one full
+# read of asyncio's and uvloop's buffers (256 KiB, 250 kB), and the largest read of the other
+# wires (four times read_size), which yield to the other sessions after every read already.
+TURN_SIZE = 256 * 1024
+
 
 def _inline_default() -> bool:
     # The switch for the whole server test suite (and for an operator who suspects the fast
@@ -40,6 +49,9 @@ class ServerConfig:
     # bounds the App's handling of each connection's Disconnect event.
     shutdown_cancel_after: float = 5.0
     read_size: int = 64 * 1024
+    # On asyncio and uvloop, a connection that has read more than this stops reading until
+    # the event loop's next turn, so that one fast sender cannot hold the loop (see TURN_SIZE).
+    turn_size: int = TURN_SIZE
     # "auto": an asyncio Protocol on asyncio/uvloop, the socket with trio's own waits on trio;
     # "stream": anyio streams everywhere (the portable path, for comparison and debugging).
     transport: Literal["auto", "stream"] = "auto"
@@ -55,4 +67,4 @@ class ServerConfig:
     lmtp: bool = False
 
 
-__all__ = ["ServerConfig"]
+__all__ = ["TURN_SIZE", "ServerConfig"]
