@@ -10,14 +10,15 @@ import attrs
 from minismtp.net import IPNetwork
 from minismtp.proxy import LOOPBACK
 
-# How many bytes one connection may take in one turn of the asyncio event loop before it
-# stops reading until the next turn. uvloop (libuv) reads a ready socket up to 32 times in a
-# row, and the fast path (minismtp.inline) feeds each read through the engine right there: a
-# client streaming a large message could take most of every turn, and the other sessions,
-# accepts and greetings waited behind it (tests/bench/fairness.py). 256 KiB is about one full
-# read of asyncio's and uvloop's buffers (256 KiB, 250 kB), and the largest read of the other
-# wires (four times read_size), which yield to the other sessions after every read already.
-TURN_SIZE = 256 * 1024
+# How many bytes one connection may read on asyncio or uvloop before it stops reading until
+# the event loop's next turn. uvloop (libuv) reads a ready socket up to 32 times in a row,
+# and the fast path (minismtp.inline) feeds each read through the engine right there: a
+# client streaming a large message took most of every turn, and the other sessions, accepts
+# and greetings waited behind it. 128 KiB is half of one full read (asyncio: 256 KiB, uvloop:
+# 250 kB), so a client that streams gets one read per turn, as on trio, whose wire yields
+# after every read; at 256 KiB uvloop read twice per turn and kept a new client waiting twice
+# as long (the figures are in tests/bench/README.md, "Fairness").
+TURN_SIZE = 128 * 1024
 
 
 def _inline_default() -> bool:

@@ -27,9 +27,9 @@ from tests.helpers.clients import Connect, drain
 pytestmark = pytest.mark.anyio
 
 UPLOADS = 4
-# Each upload takes about fifty turns of the loop at two reads (the default turn_size) per
-# turn, where the probe needs a handful; without turn_size, uvloop took each upload in a few
-# turns (as much as the kernel had buffered, several MB, per turn).
+# Each upload takes about a hundred turns of the loop at one read per turn (the default
+# turn_size), where the probe needs a handful; without turn_size, uvloop took each upload in
+# a few turns (as much as the kernel had buffered, several MB, per turn).
 SIZE = 24 * 1024 * 1024
 
 
