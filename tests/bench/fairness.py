@@ -10,6 +10,7 @@ ratio to aiosmtpd's figure in the same run, and how fast the uploads went meanwh
     python -m tests.bench.fairness                                    # the defaults below
     python -m tests.bench.fairness --targets minismtp-auto,aiosmtpd --uploads 40 --size-mb 30 \
         --probes 20
+    python -m tests.bench.fairness --compare REV     # each minismtp target also as of REV
 
 The uploaders run in a process of their own (threads, blocking sockets), the probes in this
 one; both on the client CPUs, the server on its own CPU, as in ``run.py`` (``--no-pin``).
@@ -205,6 +206,8 @@ def probe(host: str, port: int, timeout: float) -> dict[str, float]:
 @attrs.define
 class Result:
     target: Target
+    source: Path  # the tree the server imports minismtp from
+    version: str = ""  # "@REV" when served from another commit than the others (--compare)
     loop: str = ""
     samples: dict[str, list[float]] = attrs.field(factory=lambda: {s: [] for s in STEPS})
     upload_mb_per_s: float = 0.0
@@ -223,13 +226,13 @@ class Settings:
     server_cpus: frozenset[int] | None
     client_cpus: frozenset[int] | None
     workdir: Path
-    source: Path
 
 
 def measure(target: Target, settings: Settings, result: Result) -> None:
     """One server: its uploaders streaming, then the probes, one after another."""
-    log = settings.workdir / f"{target.name}-{len(result.samples['greeting'])}.log"
-    server = Server(target, log, settings.source, cpus=settings.server_cpus)
+    tag = f"{result.version}-{len(result.samples['greeting'])}"
+    log = settings.workdir / f"{target.name}{tag}.log"
+    server = Server(target, log, result.source, cpus=settings.server_cpus)
     server.start()
     result.loop = server.loop
     ctx = multiprocessing.get_context("fork")
@@ -274,7 +277,10 @@ def ms(seconds: float) -> str:
 def table(results: Sequence[Result], rounds: int) -> str:
     base = next((r for r in results if r.target.name == BASELINE), None)
     header = ["step (ms)"] + [
-        r.target.label + (f" ({r.loop})" if "--loop" in r.target.label else "") for r in results
+        r.target.label
+        + (f" ({r.loop})" if "--loop" in r.target.label else "")
+        + (f" {r.version}" if r.version else "")
+        for r in results
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for step in STEPS:
@@ -302,7 +308,7 @@ def outcomes(results: Sequence[Result]) -> str:
     for result in results:
         codes = ", ".join(f"{n} x {code}" for code, n in sorted(result.codes.items()))
         errors = f"; {result.upload_errors} lost session(s)" if result.upload_errors else ""
-        parts.append(f"{result.target.name}: {codes or 'none finished'}{errors}")
+        parts.append(f"{result.target.name}{result.version}: {codes or 'none finished'}{errors}")
     return "Uploads answered: " + "; ".join(parts) + "."
 
 
@@ -341,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-pin", action="store_true", help="let the scheduler place processes")
     parser.add_argument("--minismtp-args", default="", metavar="ARGS", help="see run.py")
     parser.add_argument("--commit", metavar="REV", help="serve a snapshot of REV (see run.py)")
+    parser.add_argument(
+        "--compare",
+        metavar="REV",
+        help="also run each minismtp target from a snapshot of REV, beside the tree's",
+    )
     parser.add_argument("--workdir", type=Path, help="server logs (default: temp)")
     args = parser.parse_args(argv)
 
@@ -365,9 +376,13 @@ def main(argv: list[str] | None = None) -> int:
         server_cpus=server_cpus,
         client_cpus=client_cpus,
         workdir=workdir,
-        source=source.path,
     )
-    results = [Result(available[name]) for name in args.targets]
+    results = []
+    for name in args.targets:
+        if args.compare and name.startswith("minismtp"):
+            old = source_tree(args.compare, workdir)
+            results.append(Result(available[name], old.path, "@" + old.describe.split()[0]))
+        results.append(Result(available[name], source.path))
     progress(f"logs in {workdir}")
     with exclusive(LOCK), cpus_kept_awake() if pinning else nullcontext():
         load = os.getloadavg()[0]
@@ -378,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                     measure(result.target, settings, result)
                     greeting = result.samples["greeting"]
                     progress(
-                        f"[round {round_no}] {result.target.name}: greeting max "
+                        f"[round {round_no}] {result.target.name}{result.version}: greeting max "
                         f"{ms(max(greeting))} ms, p50 {ms(statistics.median(greeting))} ms"
                     )
         except (ServerFailed, OSError) as exc:
@@ -388,7 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results, args.rounds))
     print()
     print(
-        f"minismtp {source.describe}; Python {sys.version.split()[0]}; {os.cpu_count()} CPUs, "
+        f"minismtp {source.describe}"
+        + (f" (and {args.compare} where marked)" if args.compare else "")
+        + f"; Python {sys.version.split()[0]}; {os.cpu_count()} CPUs, "
         f"load average {load:.2f} at the start; {args.rounds} round(s), {args.probes} probes "
         f"per server and round, {args.interval:g} s apart, after {args.settle:g} s of "
         f"{args.uploads} uploads of {args.size_mb:g} MB each; run took {elapsed:.0f} s. "
