@@ -15,6 +15,7 @@ from typing import cast
 import anyio
 import attrs
 
+from minismtp.config import TURN_SIZE
 from minismtp.tls import TLSConfig, TLSHandshakeFailed, tls_info
 from minismtp.types import TLSInfo
 from minismtp.wires import Acceptor, peer_address
@@ -31,14 +32,23 @@ class ProtocolWire(asyncio.Protocol):
     and the connection task takes whatever has arrived, without a stream layer in between.
 
     Reading pauses while ``read_size`` bytes wait unread, so memory stays bounded; writes
-    wait for the transport's buffer to drain (``pause_writing``/``resume_writing``).
+    wait for the transport's buffer to drain (``pause_writing``/``resume_writing``). After
+    every ``turn_size`` bytes read, reading also pauses until the event loop's next turn
+    (:data:`~minismtp.config.TURN_SIZE`). The bytes are counted across turns, not per turn:
+    knowing where a turn ends would cost a callback per read, and a client that sends less
+    than ``turn_size`` per turn loses at most one turn per ``turn_size`` bytes by it.
     """
 
     def __init__(
-        self, on_connection_made: Callable[[ProtocolWire, asyncio.Transport], None], read_size: int
+        self,
+        on_connection_made: Callable[[ProtocolWire, asyncio.Transport], None],
+        read_size: int,
+        turn_size: int = TURN_SIZE,
     ) -> None:
         self._on_connection_made = on_connection_made
         self._limit = read_size
+        self._turn_size = self._turn_left = turn_size
+        self._yielding = False  # reading paused until the next turn
         self._transport: asyncio.Transport | None = None
         # Kept: asyncio.get_running_loop() costs a getpid() system call on every call.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -69,6 +79,9 @@ class ProtocolWire(asyncio.Protocol):
         self._on_connection_made(self, self._transport)
 
     def data_received(self, data: bytes) -> None:
+        self._turn_left -= len(data)
+        if self._turn_left < 0 and not self._yielding:
+            self._yield_turn()
         inline_reader = self.inline_reader
         if inline_reader is not None and self._reader is not None and not self._chunks:
             if not self._reader.done() and inline_reader(data):
@@ -102,6 +115,20 @@ class ProtocolWire(asyncio.Protocol):
         if drained is not None and not drained.done():
             drained.set_result(None)
 
+    def _yield_turn(self) -> None:
+        # uvloop would go on reading this socket (libuv: up to 32 reads in a row) and the
+        # fast path feed it all to the engine before the loop serves anyone else.
+        self._yielding = True
+        if self._transport is not None:
+            self._transport.pause_reading()  # a no-op if paused already
+        self.loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._yielding = False
+        self._turn_left = self._turn_size
+        if not self._paused and not self._lost and self._transport is not None:
+            self._transport.resume_reading()
+
     def _wake_reader(self) -> None:
         reader = self._reader
         if reader is not None and not reader.done():
@@ -128,7 +155,8 @@ class ProtocolWire(asyncio.Protocol):
         chunks, self._chunks, self._size = self._chunks, [], 0
         if self._paused and self._transport is not None:
             self._paused = False
-            self._transport.resume_reading()
+            if not self._yielding:
+                self._transport.resume_reading()
         return chunks
 
     def unread(self, data: bytes) -> None:
@@ -230,6 +258,7 @@ class Accept:
 
 async def serve_protocol(acceptor: Acceptor, sock: socket.socket) -> asyncio.Server:
     """Serve the plain (not implicit TLS) listening ``sock`` through ``ProtocolWire``s."""
-    factory = functools.partial(ProtocolWire, Accept(acceptor), acceptor.config.read_size)
+    config = acceptor.config
+    factory = functools.partial(ProtocolWire, Accept(acceptor), config.read_size, config.turn_size)
     loop = asyncio.get_running_loop()
     return await loop.create_server(factory, sock=sock, backlog=BACKLOG)

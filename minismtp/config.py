@@ -10,6 +10,16 @@ import attrs
 from minismtp.net import IPNetwork
 from minismtp.proxy import LOOPBACK
 
+# How many bytes one connection may read on asyncio or uvloop before it stops reading until
+# the event loop's next turn. uvloop (libuv) reads a ready socket up to 32 times in a row,
+# and the fast path (minismtp.inline) feeds each read through the engine right there: a
+# client streaming a large message took most of every turn, and the other sessions, accepts
+# and greetings waited behind it. 128 KiB is half of one full read (asyncio: 256 KiB, uvloop:
+# 250 kB), so a client that streams gets one read per turn, as on trio, whose wire yields
+# after every read; at 256 KiB uvloop read twice per turn and kept a new client waiting twice
+# as long (the figures are in tests/bench/README.md, "Fairness").
+TURN_SIZE = 128 * 1024
+
 
 def _inline_default() -> bool:
     # The switch for the whole server test suite (and for an operator who suspects the fast
@@ -40,6 +50,9 @@ class ServerConfig:
     # bounds the App's handling of each connection's Disconnect event.
     shutdown_cancel_after: float = 5.0
     read_size: int = 64 * 1024
+    # On asyncio and uvloop, a connection that has read more than this stops reading until
+    # the event loop's next turn, so that one fast sender cannot hold the loop (see TURN_SIZE).
+    turn_size: int = TURN_SIZE
     # "auto": an asyncio Protocol on asyncio/uvloop, the socket with trio's own waits on trio;
     # "stream": anyio streams everywhere (the portable path, for comparison and debugging).
     transport: Literal["auto", "stream"] = "auto"
@@ -55,4 +68,4 @@ class ServerConfig:
     lmtp: bool = False
 
 
-__all__ = ["ServerConfig"]
+__all__ = ["TURN_SIZE", "ServerConfig"]

@@ -155,7 +155,7 @@ class FakeClient:
 def _asyncio_session(
     server: Server, tasks: TaskGroup, messages: int, pipelining: bool
 ) -> FakeClient:
-    wire = ProtocolWire(Accept(server), server.config.read_size)
+    wire = ProtocolWire(Accept(server), server.config.read_size, server.config.turn_size)
     loop = asyncio.get_running_loop()
     client = FakeClient(
         lambda chunk: loop.call_soon(wire.data_received, chunk), messages, pipelining
