@@ -582,6 +582,20 @@ def test_tls_errors_blame_the_right_file(
     assert_one_line_error(minismtp("run", "--port", "0", *args, cwd=tmp_path), re.escape(expected))
 
 
+def test_an_unreadable_tls_key_is_blamed_not_the_certificate(tmp_path: Path) -> None:
+    """Issue 20: a key file the server may not read names the key file and the reason."""
+    wrapper = unprivileged()
+    issued = issue_certificates(tmp_path / "issued")
+    shutil.copy(issued.cert_path, tmp_path / "cert.pem")
+    shutil.copy(issued.key_path, tmp_path / "key.pem")
+    (tmp_path / "cert.pem").chmod(0o644)
+    (tmp_path / "key.pem").chmod(0o000)
+    tmp_path.chmod(0o777)
+    args = ("--tls-cert", "cert.pem", "--tls-key", "key.pem")
+    result = minismtp("run", "--port", "0", *args, cwd=tmp_path, wrapper=wrapper)
+    assert_one_line_error(result, re.escape("cannot read the TLS key 'key.pem': permission denied"))
+
+
 def test_a_failed_reload_names_the_file_and_keeps_the_certificate(tmp_path: Path) -> None:
     certificate = RenewedCertificate.issue(tmp_path)
     with run(*certificate.args, cwd=tmp_path) as server:

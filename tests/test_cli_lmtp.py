@@ -7,20 +7,14 @@ import re
 import smtplib
 import socket
 import stat
-from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.processes import ROOT, Running, minismtp, spawned
+from tests.helpers.processes import UNIX_LISTENING, minismtp
+from tests.helpers.processes import run_on_unix_socket as run
 
 BODY = b"Subject: cli\r\n\r\nOver LMTP.\r\n"
-UNIX_LISTENING = r"^minismtp listening on unix:(\S+) \((.+)\)$"
-
-
-def run(*args: str, cwd: Path = ROOT) -> AbstractContextManager[Running]:
-    """``minismtp run ARGS`` until the block ends, once it listens on its unix socket."""
-    return spawned("run", *args, cwd=cwd, ready=UNIX_LISTENING)
 
 
 def lmtp_send(path: Path, recipients: list[str]) -> dict[str, tuple[int, bytes]]:

@@ -290,7 +290,7 @@ async def test_a_malformed_acts_on_is_refused_when_the_middleware_is_added(acts_
 
 
 class DenyRecipients:
-    """API.md sketch 3."""
+    """A middleware class as the README's "Writing middleware" describes one."""
 
     def __init__(self, app: Handler, *, denied: set[str]) -> None:
         self.app = app

@@ -16,7 +16,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from tests.helpers.processes import run
+from tests.helpers.processes import need, run
 
 CLIENTS = 20
 ACKED_BEFORE_THE_SIGNAL = 200
@@ -159,7 +159,6 @@ def fd_of(call: Call) -> str:
     return call.args.split(",", 1)[0]
 
 
-@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (apt-get install strace)")
 @pytest.mark.parametrize("loop", ["asyncio", "trio"])
 def test_the_250_comes_after_write_fsync_rename_and_the_fsync_of_new(
     tmp_path: Path, loop: str
@@ -168,6 +167,8 @@ def test_the_250_comes_after_write_fsync_rename_and_the_fsync_of_new(
     make it durable first: the file in tmp/ written and fsynced, renamed into new/, new/
     fsynced (the rename itself is on disk only then) -- and only then the reply is sent.
     A SIGKILL test cannot tell a missing fsync (the page cache survives it); the calls can."""
+    if shutil.which("strace") is None:
+        need("strace", "apt-get install strace")
     trace_file = tmp_path / "trace.txt"
     wrapper = ("strace", "-f", "-qq", "-s", "80", "-e", f"trace={TRACED}", "-o", str(trace_file))
     with run("--maildir", "box", "--loop", loop, cwd=tmp_path, wrapper=wrapper) as server:

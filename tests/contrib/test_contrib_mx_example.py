@@ -1,4 +1,4 @@
-"""examples/mx.py (API.md sketch 2): the combined inbound MX, through whole dialogues."""
+"""examples/mx.py: the combined inbound MX, through whole dialogues."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import attrs
@@ -23,7 +23,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 LISTENING = r"^minismtp listening on 127\.0\.0\.1:(\d+) \((.+)\)$"
+UNIX_LISTENING = r"^minismtp listening on unix:(\S+) \((.+)\)$"
 LISTENING_TLS = r"^minismtp listening on 127\.0\.0\.1:(\d+) with implicit TLS \((.+)\)$"
+
+
+def need(what: str, why: str) -> None:
+    """Skip the test (fail it under CI, where everything must run) because ``what`` is missing."""
+    text = f"{what} is not available ({why})"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{text}; CI=true: every test must run", pytrace=False)
+    pytest.skip(text)
 
 
 def project_env(**extra: str) -> dict[str, str]:
@@ -202,3 +211,8 @@ def spawned(
         process.stdin.close()
         for reader in readers:
             reader.join(timeout=5)
+
+
+def run_on_unix_socket(*args: str, cwd: Path = ROOT) -> AbstractContextManager[Running]:
+    """``minismtp run ARGS`` until the block ends, once it listens on its unix socket."""
+    return spawned("run", *args, cwd=cwd, ready=UNIX_LISTENING)

@@ -8,7 +8,6 @@ are skipped with the reason; under CI (``CI=true``) they fail instead: CI instal
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -24,14 +23,7 @@ import pytest
 
 from minismtp.message import Message
 from minismtp.types import Address, TLSInfo
-
-
-def need(what: str, why: str) -> None:
-    """Skip the test (fail it under CI, where everything must run) because ``what`` is missing."""
-    text = f"{what} is not available ({why})"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{text}; CI=true: the Redis tests must run", pytrace=False)
-    pytest.skip(text)
+from tests.helpers.processes import need
 
 
 def redis_server_binary() -> str:

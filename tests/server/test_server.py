@@ -473,7 +473,7 @@ async def test_the_server_picks_the_wire_for_the_loop(
 
 
 async def test_seed_api_sketch_4() -> None:
-    """API.md sketch 4, as written, with smtplib as the client."""
+    """The seed's API as the README's "The seed's API: `SmtpServer`" shows it, with smtplib."""
     from minismtp import SmtpServer
 
     server = SmtpServer("127.0.0.1", 0, "localhost", timeout=10)
