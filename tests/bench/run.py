@@ -813,12 +813,35 @@ def cpu_model() -> str:
 
 # --- profiling -----------------------------------------------------------------------------
 
+
+def _modules(names: str) -> tuple[str, ...]:
+    return tuple(f"minismtp/{name}.py" for name in names.split())
+
+
 LAYERS = (  # (name, path fragments); a sample goes to the innermost frame that matches one
-    ("engine (protocol.py, paths.py)", ("minismtp/protocol.py", "minismtp/paths.py")),
-    ("transport (server.py)", ("minismtp/server.py", "minismtp/proxy.py")),
-    ("App: router, hooks, channel (app.py)", ("minismtp/app.py",)),
-    ("values (types.py, events.py, attrs)", ("minismtp/types.py", "minismtp/events.py", "attrs")),
+    # The module names of both layouts, before and after the split of 3 December 2026, so that
+    # --commit can profile either.
+    (
+        "engine (protocol.py, commands.py, content.py, streaming.py, paths.py)",
+        _modules("protocol paths commands content streaming states limits outcomes replies"),
+    ),
+    (
+        "transport and connection (connection.py, inline.py, the wires, server.py)",
+        _modules(
+            "server proxy connection inline asyncio_wire trio_wire trio_readiness wires admission"
+            " host suspended"
+        ),
+    ),
+    (
+        "App: router, hooks, hand-off (app.py, hooks.py, handoff.py, middleware.py)",
+        _modules("app hooks handoff middleware"),
+    ),
+    (
+        "values (types.py, events.py, message.py, spool.py, attrs)",
+        (*_modules("types events message spool"), "attrs"),
+    ),
     ("Received:, ids (received.py, ids.py)", ("minismtp/received.py", "minismtp/ids.py")),
+    ("log line (logs.py, logging)", ("minismtp/logs.py", "logging/")),
     ("contrib middleware", ("contrib/",)),
     ("bench consumer", ("tests/bench/", "minismtp_app.py", "aiosmtpd_server.py")),
     ("aiosmtpd", ("aiosmtpd/",)),
@@ -826,7 +849,6 @@ LAYERS = (  # (name, path fragments); a sample goes to the innermost frame that 
     ("anyio", ("anyio/",)),
     ("trio", ("trio/", "outcome/", "sniffio/")),
     ("asyncio / uvloop", ("asyncio/", "uvloop/", "selectors.py")),
-    ("logging", ("logging/",)),
 )
 
 
