@@ -9,9 +9,10 @@ above that threshold all the time pays a page fault on each of their pages, ever
 such blocks come from the heap and are used again. This was made when a message was held
 whole (its reads, the unstuffed content, the message: blocks of megabytes, about a tenth of
 the CPU of a dot-stuffed 10 MB message). Message content now streams into a spool, and the
-largest blocks left are a read and a spool's in-memory part (256 KiB): the settings no longer
-change what memory a burst of large messages leaves behind (``tests/bench/README.md``,
-"Memory"), and what they still save in CPU is a timing run's to say.
+largest blocks left are a read and a content piece (up to 256 KiB, above glibc's starting
+threshold): the settings no longer change what memory a burst of large messages leaves
+behind, but they still save a third or more of the CPU per MB of a large message
+(``tests/bench/README.md``, "Memory" and "glibc's allocator").
 
 An operator who sets any of glibc's ``MALLOC_*`` variables, or malloc tunables in
 ``GLIBC_TUNABLES``, has chosen for themselves: the allocator is then left alone.
