@@ -31,6 +31,17 @@ from minismtp.events import Event, Handler, Mail
 from minismtp.net import parse_ip
 from minismtp.types import Reply, Transaction
 
+from .spf_record import (
+    MACRO,
+    UNRESERVED,
+    PermError,
+    SPFVerdict,
+    Term,
+    check_macros,
+    parse_record,
+    select_record,
+)
+
 __all__ = [
     "SPF",
     "SPFResult",
@@ -41,7 +52,6 @@ __all__ = [
 
 log = logging.getLogger("minismtp.contrib.spf")
 
-SPFVerdict = Literal["pass", "fail", "softfail", "neutral", "none", "permerror", "temperror"]
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 SPF_FAIL_REPLY = "550 5.7.23"
@@ -70,158 +80,8 @@ class SPFResult:
     reason: str = ""
 
 
-class _PermError(Exception):
-    pass
-
-
 class _TempError(Exception):
     pass
-
-
-_QUALIFIERS: dict[str, SPFVerdict] = {"+": "pass", "-": "fail", "~": "softfail", "?": "neutral"}
-_MODIFIER = re.compile(r"([A-Za-z][A-Za-z0-9._-]*)=(.*)", re.S)
-_DIRECTIVE = re.compile(r"([+?~-]?)([A-Za-z][A-Za-z0-9._-]*)(.*)", re.S)
-_CIDR = re.compile(r"(?:/(0|[1-9][0-9]{0,2}))?(?://(0|[1-9][0-9]{0,2}))?\Z")
-_TOPLABEL = re.compile(
-    r"(?:[A-Za-z0-9]*[A-Za-z][A-Za-z0-9]*|[A-Za-z0-9]+-[A-Za-z0-9-]*[A-Za-z0-9])\.?\Z"
-)
-_MACRO_END = re.compile(r"(?:%\{[A-Za-z][0-9]*r?[.+,/_=-]*\}|%%|%_|%-)\Z", re.I)
-_MACRO = re.compile(r"%(?:\{([A-Za-z])([0-9]*)(r?)([.+,/_=-]*)\}|(.)|\Z)", re.I | re.S)
-_UNRESERVED = "-._~"  # RFC 3986 2.3, kept by URL escaping of upper-case macros (RFC 7208 7.3)
-
-
-@attrs.frozen
-class _Term:
-    qualifier: SPFVerdict
-    name: str  # mechanism, lower case
-    domain: str | None  # domain-spec, unexpanded
-    cidr4: int | None = None
-    cidr6: int | None = None
-    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
-
-
-@attrs.frozen
-class _Record:
-    terms: tuple[_Term, ...]
-    redirect: str | None
-    exp: str | None
-
-
-def _valid_domain_spec(spec: str) -> bool:
-    """RFC 7208 7.1: ``domain-end = ( "." toplabel [ "." ] ) / macro-expand``."""
-    if not spec or any(ord(c) < 0x21 or ord(c) > 0x7E for c in spec):
-        return False
-    if _MACRO_END.search(spec):
-        return True
-    _, dot, top = (spec[:-1] if spec.endswith(".") else spec).rpartition(".")
-    return bool(dot) and bool(_TOPLABEL.match(top))
-
-
-def _check_macros(spec: str, *, exp: bool = False) -> None:
-    """Syntax of a macro-string (RFC 7208 7.1), before any lookup: errors are permerror."""
-    for match in _MACRO.finditer(spec):
-        letter, digits, _, _, other = match.groups()
-        if letter is None:
-            if other is None or other not in "%_-":
-                raise _PermError(f"invalid macro in {spec!r}")
-            continue
-        if letter.lower() not in "slodiphv" + ("crt" if exp else ""):
-            raise _PermError(f"invalid macro letter {letter!r}")
-        if digits and int(digits) == 0:
-            raise _PermError("macro transformer 0")
-
-
-def _parse(text: str) -> _Record:
-    terms: list[_Term] = []
-    redirect = exp = None
-    for word in text.split(" ")[1:]:
-        if not word:
-            continue
-        modifier = _MODIFIER.fullmatch(word)
-        if modifier:
-            name, value = modifier.group(1).lower(), modifier.group(2)
-            _check_macros(value, exp=False)
-            if name in ("redirect", "exp"):
-                if not _valid_domain_spec(value):
-                    raise _PermError(f"invalid domain in {word!r}")
-                if (redirect if name == "redirect" else exp) is not None:
-                    raise _PermError(f"more than one {name}= (RFC 7208 6)")
-                if name == "redirect":
-                    redirect = value
-                else:
-                    exp = value
-            continue
-        directive = _DIRECTIVE.fullmatch(word)
-        if directive is None:
-            raise _PermError(f"unknown term {word!r}")
-        terms.append(_parse_mechanism(directive, word))
-    return _Record(tuple(terms), redirect, exp)
-
-
-def _parse_mechanism(directive: re.Match[str], word: str) -> _Term:
-    qualifier = _QUALIFIERS[directive.group(1) or "+"]
-    name, rest = directive.group(2).lower(), directive.group(3)
-    if name == "all":
-        if rest:
-            raise _PermError(f"invalid term {word!r}")
-        return _Term(qualifier, name, None)
-    if name in ("include", "exists", "ptr"):
-        if name == "ptr" and not rest:
-            return _Term(qualifier, name, None)
-        if not rest.startswith(":") or not _valid_domain_spec(rest[1:]):
-            raise _PermError(f"invalid term {word!r}")
-        _check_macros(rest[1:])
-        return _Term(qualifier, name, rest[1:])
-    if name in ("a", "mx"):
-        cidr = _CIDR.search(rest)
-        if cidr is None:
-            raise _PermError(f"invalid term {word!r}")
-        spec = rest[: cidr.start()]
-        cidr4, cidr6 = cidr.groups()
-        if (cidr4 is not None and int(cidr4) > 32) or (cidr6 is not None and int(cidr6) > 128):
-            raise _PermError(f"invalid prefix length in {word!r}")
-        domain = None
-        if spec:
-            if not spec.startswith(":") or not _valid_domain_spec(spec[1:]):
-                raise _PermError(f"invalid term {word!r}")
-            domain = spec[1:]
-            _check_macros(domain)
-        return _Term(
-            qualifier,
-            name,
-            domain,
-            int(cidr4) if cidr4 is not None else None,
-            int(cidr6) if cidr6 is not None else None,
-        )
-    if name in ("ip4", "ip6"):
-        if not rest.startswith(":"):
-            raise _PermError(f"invalid term {word!r}")
-        address, slash, prefix = rest[1:].partition("/")
-        try:
-            ip = ipaddress.IPv4Address(address) if name == "ip4" else ipaddress.IPv6Address(address)
-        except ValueError:
-            raise _PermError(f"invalid address in {word!r}") from None
-        bits: int = ip.max_prefixlen
-        if slash:
-            if not re.fullmatch(r"0|[1-9][0-9]{0,2}", prefix) or int(prefix) > bits:
-                raise _PermError(f"invalid prefix length in {word!r}")
-            bits = int(prefix)
-        network = ipaddress.ip_network((ip, bits), strict=False)
-        return _Term(qualifier, name, None, network=network)
-    raise _PermError(f"unknown mechanism {name!r}")
-
-
-def _select(records: tuple[bytes, ...]) -> str | None:
-    """RFC 7208 4.5: the one record starting ``v=spf1`` (then a space or its end)."""
-    found = [r for r in records if r[:6].lower() == b"v=spf1" and r[6:7] in (b"", b" ")]
-    if not found:
-        return None
-    if len(found) > 1:
-        raise _PermError("more than one v=spf1 record (RFC 7208 4.5)")
-    try:
-        return found[0].decode("ascii")
-    except UnicodeDecodeError:
-        raise _PermError("non-ASCII characters in the record (RFC 7208 3.1)") from None
 
 
 def _valid_host(domain: str) -> bool:
@@ -271,12 +131,12 @@ class _Check:
     def _count(self) -> None:
         self.lookups += 1
         if self.lookups > MAX_LOOKUPS:
-            raise _PermError(f"more than {MAX_LOOKUPS} DNS-querying terms (RFC 7208 4.6.4)")
+            raise PermError(f"more than {MAX_LOOKUPS} DNS-querying terms (RFC 7208 4.6.4)")
 
     def _void(self) -> None:
         self.void += 1
         if self.void > MAX_VOID:
-            raise _PermError(f"more than {MAX_VOID} void lookups (RFC 7208 4.6.4)")
+            raise PermError(f"more than {MAX_VOID} void lookups (RFC 7208 4.6.4)")
 
     async def _addresses(self, name: str, *, void_counts: bool = True) -> tuple[IP, ...]:
         try:
@@ -300,10 +160,10 @@ class _Check:
             return "none", f"no SPF record for {domain}", None
         except TempError as exc:
             raise _TempError(str(exc)) from None
-        text = _select(records)
+        text = select_record(records)
         if text is None:
             return "none", f"no SPF record for {domain}", None
-        record = _parse(text)
+        record = parse_record(text)
         for term in record.terms:
             if await self._matches(term, domain):
                 reason = f"{domain}: {term.name} matched"
@@ -315,11 +175,11 @@ class _Check:
             target = await self._expand(record.redirect, domain)
             result, reason, explanation = await self.evaluate(target)
             if result == "none":
-                raise _PermError(f"redirect to {target}, which has no SPF record")
+                raise PermError(f"redirect to {target}, which has no SPF record")
             return result, reason, explanation
         return "neutral", f"{domain}: no mechanism matched", None
 
-    async def _matches(self, term: _Term, domain: str) -> bool:
+    async def _matches(self, term: Term, domain: str) -> bool:
         name = term.name
         if name == "all":
             return True
@@ -330,7 +190,7 @@ class _Check:
         if name == "include":
             result, _, _ = await self.evaluate(target)
             if result == "none":
-                raise _PermError(f"include:{target} has no SPF record (RFC 7208 5.2)")
+                raise PermError(f"include:{target} has no SPF record (RFC 7208 5.2)")
             return result == "pass"
         if name == "a":
             if not _valid_host(target):
@@ -348,7 +208,7 @@ class _Check:
             except TempError as exc:
                 raise _TempError(str(exc)) from None
             if len(exchanges) > MAX_NAMES:
-                raise _PermError(f"{target}: more than {MAX_NAMES} MX records (RFC 7208 4.6.4)")
+                raise PermError(f"{target}: more than {MAX_NAMES} MX records (RFC 7208 4.6.4)")
             for _, exchange in exchanges:
                 if not exchange or not _valid_host(exchange):
                     continue
@@ -406,9 +266,9 @@ class _Check:
             if len(records) != 1:
                 return None
             text = records[0].decode("ascii")
-            _check_macros(text, exp=True)
+            check_macros(text, exp=True)
             return await self._expand(text, domain, exp=True, truncate=False)
-        except (DNSError, _PermError, _TempError, UnicodeDecodeError):
+        except (DNSError, PermError, _TempError, UnicodeDecodeError):
             return None
 
     async def _macro_value(self, letter: str, domain: str) -> str:
@@ -442,7 +302,7 @@ class _Check:
             return self.receiver or "unknown"
         if letter == "t":
             return str(int(self.clock()))
-        raise _PermError(f"invalid macro letter {letter!r}")
+        raise PermError(f"invalid macro letter {letter!r}")
 
     async def _expand(
         self, spec: str, domain: str, *, exp: bool = False, truncate: bool = True
@@ -450,7 +310,7 @@ class _Check:
         """RFC 7208 7.3 (and 7.4 for the explanation's letters)."""
         out: list[str] = []
         position = 0
-        for match in _MACRO.finditer(spec):
+        for match in MACRO.finditer(spec):
             out.append(spec[position : match.start()])
             position = match.end()
             letter, digits, reverse, delimiters, other = match.groups()
@@ -458,7 +318,7 @@ class _Check:
                 out.append({"%": "%", "_": " ", "-": "%20"}[other])
                 continue
             if letter.lower() in "crt" and not exp:
-                raise _PermError(f"macro {letter!r} outside exp= (RFC 7208 7.2)")
+                raise PermError(f"macro {letter!r} outside exp= (RFC 7208 7.2)")
             value = await self._macro_value(letter.lower(), domain)
             parts = re.split("[" + re.escape(delimiters or ".") + "]", value)
             if reverse:
@@ -467,7 +327,7 @@ class _Check:
                 parts = parts[-int(digits) :]
             value = ".".join(parts)
             if letter.isupper():
-                value = urllib.parse.quote(value, safe=_UNRESERVED)
+                value = urllib.parse.quote(value, safe=UNRESERVED)
             out.append(value)
         out.append(spec[position:])
         result = "".join(out)
@@ -507,7 +367,7 @@ async def check_host(
     try:
         with anyio.fail_after(time_limit):
             result, reason, explanation = await check.evaluate(domain)
-    except _PermError as exc:
+    except PermError as exc:
         result, reason = "permerror", str(exc)
     except _TempError as exc:
         result, reason = "temperror", str(exc)
